@@ -1,0 +1,240 @@
+"""Reading CT scans and their geometry: the one HU reader and the one world <-> voxel conversion.
+
+Every stage and test goes through this module:
+- ``read_mhd(path)``: a LUNA16 ``.mhd/.raw`` volume with SimpleITK.
+- ``read_dicom_series(folder)``: a DICOM series with pydicom (slices sorted along the slice normal,
+  RescaleSlope/Intercept, padding conventions, several series in one folder told apart by
+  SeriesInstanceUID, gaps in z reported, non-CT series refused).
+- ``world_to_voxel`` / ``voxel_to_world``: ITK's geometry, world = origin + D @ (spacing * index), with
+  origin, spacing and direction in ITK's (x, y, z) order and voxel indices in this project's (z, y, x).
+- ``read_scan_h5(path)``: a stage-1 per-scan file (``preprocess.py``'s output) as a dict.
+
+Arrays are (z, y, x) everywhere; ITK's (x, y, z) vectors are converted here, at the reading boundary.
+Errors about a file are raised as ``ScanError`` with one line naming the file and the problem.
+"""
+import glob
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+HU_AIR = -1024          # value given to padding / outside-field-of-view voxels
+HU_MAX = 3071           # upper end of the 12-bit CT range
+
+
+class ScanError(Exception):
+    """A scan that cannot be read or used; the message names the file and the problem."""
+
+
+@dataclass
+class Scan:
+    hu: np.ndarray                    # int16 (Z, Y, X)
+    origin: tuple                     # world position of voxel (0, 0, 0), mm, (x, y, z)
+    spacing: tuple                    # mm, (x, y, z)
+    direction: tuple                  # 9 floats, row-major 3x3, columns = directions of the x, y, z index axes
+    seriesuid: str
+    patient_id: str = ""
+    source: str = ""                  # "luna16" / "lidc"
+    path: str = ""
+    warnings: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+def _geometry(origin, spacing, direction):
+    o = np.asarray(origin, dtype=np.float64).reshape(3)
+    s = np.asarray(spacing, dtype=np.float64).reshape(3)
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    return o, s, d
+
+
+def voxel_to_world(zyx, origin, spacing, direction):
+    """Voxel index (z, y, x), (3,) or (N, 3), possibly fractional -> world (x, y, z) in mm."""
+    o, s, d = _geometry(origin, spacing, direction)
+    zyx = np.asarray(zyx, dtype=np.float64)
+    ijk = zyx[..., ::-1]                              # (x, y, z) index order
+    return o + (ijk * s) @ d.T
+
+
+def world_to_voxel(xyz, origin, spacing, direction):
+    """World (x, y, z) in mm, (3,) or (N, 3) -> fractional voxel index (z, y, x); round to get the voxel."""
+    o, s, d = _geometry(origin, spacing, direction)
+    xyz = np.asarray(xyz, dtype=np.float64)
+    ijk = np.linalg.solve(d, (xyz - o).T if xyz.ndim > 1 else (xyz - o)).T / s
+    return ijk[..., ::-1]
+
+
+# ----------------------------------------------------------------------------- HU
+
+def to_hu(raw, slope=1.0, intercept=0.0, padding_value=None):
+    """Stored values -> int16 HU. Padding (the stored ``padding_value``, or anything below -1024 HU after the
+    rescale: -2000 stored, -3024 HU, out-of-field circles) becomes air; values are clipped to [-1024, 3071]."""
+    raw = np.asarray(raw)
+    hu = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if padding_value is not None:
+        hu[raw == padding_value] = HU_AIR
+    np.clip(hu, HU_AIR, HU_MAX, out=hu)
+    return np.rint(hu).astype(np.int16)
+
+
+# ----------------------------------------------------------------------------- LUNA16 .mhd
+
+def read_mhd(path):
+    """A LUNA16 scan (.mhd header + .raw data, already HU) -> Scan."""
+    import SimpleITK as sitk
+    if not os.path.isfile(path):
+        raise ScanError(f"{path}: file not found")
+    try:
+        img = sitk.ReadImage(path)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = next((ln for ln in first if "rror" in ln or "xception" in ln or "read" in ln.lower()), first[-1] if first else "")
+        raise ScanError(f"{path}: unreadable image ({detail.strip()[:200]})") from None
+    if img.GetDimension() != 3:
+        raise ScanError(f"{path}: expected a 3-D volume, got {img.GetDimension()}-D")
+    arr = sitk.GetArrayFromImage(img)              # (z, y, x)
+    seriesuid = os.path.splitext(os.path.basename(path))[0]
+    return Scan(hu=to_hu(arr), origin=tuple(img.GetOrigin()), spacing=tuple(img.GetSpacing()),
+                direction=tuple(img.GetDirection()), seriesuid=seriesuid, patient_id=seriesuid,
+                source="luna16", path=path)
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+def _dicom_headers(folder):
+    import pydicom
+    files = sorted(f for f in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if os.path.isfile(f))
+    headers, bad = [], []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception as e:                      # not DICOM, truncated header, ...
+            if f.lower().endswith(".dcm"):
+                bad.append(f"{os.path.basename(f)}: {type(e).__name__}")
+            continue
+        if "SOPClassUID" in ds and not hasattr(ds, "ImagePositionPatient"):
+            continue                                # not an image (e.g. a structured report)
+        headers.append((f, ds))
+    return headers, bad
+
+
+def read_dicom_series(folder, series_uid=None):
+    """A DICOM CT series (one folder, or a folder holding several series) -> Scan in HU.
+
+    Slices are sorted by their position along the slice normal. When several series share the folder the
+    one named ``series_uid`` is read, else the CT series with the most slices (the others are reported in
+    ``Scan.warnings``). Corrupt files, non-CT series, inconsistent slices raise ScanError; gaps in z are
+    reported as warnings."""
+    import pydicom
+    headers, bad = _dicom_headers(folder)
+    if bad:
+        raise ScanError(f"{folder}: corrupt DICOM file(s): {'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+    if not headers:
+        raise ScanError(f"{folder}: no DICOM image found")
+    series = {}
+    for f, ds in headers:
+        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
+    warnings = []
+    if series_uid is not None:
+        if series_uid not in series:
+            raise ScanError(f"{folder}: series {series_uid} not found (found {len(series)} series)")
+        uid = series_uid
+    else:
+        ct = {u: s for u, s in series.items() if str(s[0][1].get("Modality", "")) == "CT"}
+        if not ct:
+            mods = sorted({str(s[0][1].get("Modality", "?")) for s in series.values()})
+            raise ScanError(f"{folder}: not a CT series (Modality {', '.join(mods)})")
+        uid = max(ct, key=lambda u: len(ct[u]))
+        if len(series) > 1:
+            warnings.append(f"{folder}: {len(series)} series in folder, read {uid} ({len(series[uid])} slices)")
+    items = series[uid]
+    first = items[0][1]
+    if str(first.get("Modality", "")) != "CT":
+        raise ScanError(f"{folder}: not a CT series (Modality {first.get('Modality', '?')})")
+    try:
+        orient = np.array([float(v) for v in first.ImageOrientationPatient])
+        row, col = orient[:3], orient[3:]
+        normal = np.cross(row, col)
+        pos = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in items])
+    except (AttributeError, ValueError) as e:
+        raise ScanError(f"{folder}: missing or bad geometry tags ({e})") from None
+    along = pos @ normal
+    order = np.argsort(along, kind="stable")
+    items = [items[i] for i in order]
+    along, pos = along[order], pos[order]
+    if len(items) > 1:
+        steps = np.diff(along)
+        if np.any(steps < 1e-3):
+            raise ScanError(f"{folder}: {int(np.sum(steps < 1e-3))} duplicate slice position(s)")
+        dz = float(np.median(steps))
+        gaps = np.nonzero(steps > 1.5 * dz)[0]
+        if len(gaps):
+            warnings.append(f"{folder}: {len(gaps)} gap(s) in z, first after slice {gaps[0]} "
+                            f"({steps[gaps[0]]:.2f} mm vs {dz:.2f} mm)")
+    else:
+        dz = float(first.get("SliceThickness", 1.0))
+    rows, cols = int(first.Rows), int(first.Columns)
+    hu = np.empty((len(items), rows, cols), dtype=np.int16)
+    for k, (f, _) in enumerate(items):
+        try:
+            ds = pydicom.dcmread(f)
+            raw = ds.pixel_array
+        except Exception as e:
+            raise ScanError(f"{f}: unreadable pixel data ({type(e).__name__}: {str(e)[:120]})") from None
+        if raw.shape != (rows, cols):
+            raise ScanError(f"{f}: slice size {raw.shape} differs from the series' {(rows, cols)}")
+        pad = ds.get("PixelPaddingValue", None)
+        hu[k] = to_hu(raw, float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0)),
+                      int(pad) if pad is not None else None)
+    ps = [float(v) for v in first.PixelSpacing]     # (row spacing = dy, column spacing = dx)
+    direction = tuple(np.stack([row, col, normal], axis=1).reshape(-1))
+    return Scan(hu=hu, origin=tuple(pos[0]), spacing=(ps[1], ps[0], dz), direction=direction,
+                seriesuid=uid, patient_id=str(first.get("PatientID", "")), source="lidc", path=folder,
+                warnings=warnings)
+
+
+# ----------------------------------------------------------------------------- stage-1 files
+
+def read_scan_h5(path, arrays=("hu", "lung_mask", "nodule_mask")):
+    """A stage-1 per-scan file -> dict with the requested arrays, ``nodules`` (structured array) and ``attrs``."""
+    import tables
+    with tables.open_file(path, "r") as h5:
+        out = {name: h5.get_node("/" + name).read() for name in arrays}
+        out["nodules"] = h5.root.nodules.read()
+        a = h5.root._v_attrs
+        out["attrs"] = {k: a[k] for k in a._v_attrnamesuser}
+    return out
+
+
+# One row per annotated nodule in a stage-1 file (``/nodules``). Excluded annotations (LUNA16's
+# annotations_excluded.csv) are listed with excluded=1 and are NOT drawn in /nodule_mask.
+NODULE_DTYPE = np.dtype([
+    ("index", np.int32),            # label k of this nodule in /nodule_mask (1-based)
+    ("center_z", np.float32), ("center_y", np.float32), ("center_x", np.float32),   # voxel (z, y, x)
+    ("world_x", np.float64), ("world_y", np.float64), ("world_z", np.float64),      # mm
+    ("diameter_mm", np.float32),
+    ("n_readers", np.int8),         # LIDC readers who marked it; -1 if unknown
+    ("label_source", "S16"),        # b"wand", b"consensus", b"sphere"
+    ("excluded", np.uint8),
+])
+
+
+def write_scan_h5(path, scan, lung_mask, nodule_mask, nodules, constants=None):
+    """Write a stage-1 file atomically: to ``path + '.tmp'``, then rename. ``nodules``: array of NODULE_DTYPE."""
+    import json
+    import tables
+    tmp = path + ".tmp"
+    filters = tables.Filters(complevel=5, complib="blosc:zstd", shuffle=True)
+    with tables.open_file(tmp, "w") as h5:
+        for name, arr in (("hu", scan.hu.astype(np.int16)), ("lung_mask", lung_mask.astype(np.uint8)),
+                          ("nodule_mask", nodule_mask.astype(np.uint8))):
+            h5.create_carray("/", name, obj=arr, filters=filters, chunkshape=(1,) + arr.shape[1:])
+        h5.create_table("/", "nodules", np.asarray(nodules, dtype=NODULE_DTYPE), title="annotated nodules")
+        a = h5.root._v_attrs
+        a.seriesuid, a.patient_id, a.source = scan.seriesuid, scan.patient_id, scan.source
+        a.origin = np.asarray(scan.origin, np.float64)
+        a.spacing = np.asarray(scan.spacing, np.float64)
+        a.direction = np.asarray(scan.direction, np.float64)
+        a.source_path = scan.path
+        a.constants = json.dumps(constants or {}, default=str)
+    os.replace(tmp, path)
