@@ -1,0 +1,233 @@
+"""Stage 4: train the network of figure 3 (or a variant, or the U-Net baseline) on the slice table.
+
+Reads  WORK_DIR/2_table/slices.h5 (table.py) and WORK_DIR/3_split/{train,val}_idx.npy (slice_idx.py).
+Writes WORK_DIR/4_model/: best.keras (best validation Dice), last.keras (every epoch, with the optimiser
+state), history.csv, state.json (epoch reached, best Dice: what --RESUME=1 continues from), config.json
+(every constant used, plus the table's CROP and CONTEXT_SLICES that postprocess.py feeds the model with),
+TensorBoard logs in tensorboard/.
+
+    python nasnet_v2_train.py                                   # thesis-like defaults
+    python nasnet_v2_train.py --EPOCHS=50 --TRAIN_CROP=192      # crops of the slices, whole slices at inference
+    python nasnet_v2_train.py --RESUME=1                        # continue a killed run from last.keras
+
+Each epoch: the fit over the training batches (augmented, reshuffled per epoch with SEED), then the batch-
+normalisation statistics are re-estimated from BN_REESTIMATE_BATCHES training batches (Keras's NASNetMobile
+uses BN momentum 0.9997: after a short from-scratch training its moving statistics are still at their
+initial values and the model predicts nothing in inference mode; see nasnet_v2.py), then the validation
+slices are predicted in inference mode and the pooled Dice (prob > 0.5, the thesis's slice Dice, the same
+function as postprocess.py's) decides the best checkpoint. Throughput (slices per second) is printed per
+epoch. With TRAIN_CROP > 0 the network trains (and validates) on crops of that side, sampled so that most
+hold a nodule; it is fully convolutional and postprocess.py rebuilds it at the whole-slice size.
+"""
+import csv
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+import configurator  # noqa: E402
+
+# ----------------------------------------------------------------------------- constants
+WORK_DIR = "work"              # root of a run
+TABLE = ""                     # "" = WORK_DIR/2_table/slices.h5
+SPLIT_DIR = ""                 # "" = WORK_DIR/3_split
+OUT_DIR = ""                   # "" = WORK_DIR/4_model
+VARIANT = "figure3"            # "figure3" (thesis figure), "thesis_code" (heavier decoder), "unet" (baseline)
+WEIGHTS = ""                   # optional weights file to start from (ImageNet NASNetMobile .h5, .weights.h5, .keras)
+OPTIMIZER = "adam"             # "adam", or "sgd" (the thesis's surviving script: SGD + momentum 0.9)
+LR = 1e-3                      # learning rate (the thesis's fine-tuning script: 1e-7 with SGD)
+MOMENTUM = 0.9                 # SGD momentum
+BATCH_SIZE = 12                # slices per batch (thesis: 12)
+EPOCHS = 30                    # epochs (an epoch = STEPS_PER_EPOCH batches, or the whole training index)
+STEPS_PER_EPOCH = 0            # batches per epoch; 0 = all training rows once
+VAL_MAX_BATCHES = 0            # validation batches per epoch; 0 = the whole validation index
+MAX_MINUTES = 0.0              # stop after the epoch that passes this much training time (0 = no limit)
+AUGMENT = True                 # flips + rotation (thesis)
+ROT_DEG = 6.0                  # rotation uniform in +-ROT_DEG degrees (thesis: 6)
+ZOOM = 0.0                     # zoom uniform in [1 - ZOOM, 1 + ZOOM] (thesis: none)
+TRAIN_CROP = 0                 # train on random crops of this side (px, multiple of 32); 0 = whole slices (thesis)
+CROP_NODULE_P = 0.8            # share of training crops placed on a nodule
+BN_MOMENTUM = 0.99             # momentum of every BN layer (Keras's NASNetMobile: 0.9997); 0 = keep Keras's
+BN_REESTIMATE_BATCHES = 8      # training batches used to re-estimate BN statistics each epoch (0 = off)
+REDUCE_LR_PATIENCE = 0         # halve the learning rate after this many epochs without a better val Dice (0 = off)
+EARLY_STOP_PATIENCE = 0        # stop after this many epochs without a better val Dice (0 = off)
+RESUME = False                 # continue from OUT_DIR/last.keras and state.json
+SEED = 85                      # weights init, shuffling and augmentation (thesis split seed: 85)
+MIXED_PRECISION = False        # float16 compute on a GPU (ignored on the CPU)
+JIT_COMPILE = False            # XLA compilation of the training step (see benchmarks/bench_model.py)
+WORKERS = 2                    # processes computing batches (0 = in the training process)
+LOG_EVERY = 0                  # print the loss every this many batches (0 = Keras's progress bar only)
+
+
+def out_dir():
+    return OUT_DIR or os.path.join(WORK_DIR, "4_model")
+
+
+def build_model(image_shape):
+    """A compiled model for (H, W, C) inputs, or the resumed one from last.keras."""
+    import keras
+    import nasnet_v2
+    if MIXED_PRECISION and _has_gpu():
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    model = nasnet_v2.get_model(image_shape, variant=VARIANT, weights=WEIGHTS or None,
+                                bn_momentum=BN_MOMENTUM or None)
+    if OPTIMIZER == "adam":
+        opt = keras.optimizers.Adam(learning_rate=LR)
+    elif OPTIMIZER == "sgd":
+        opt = keras.optimizers.SGD(learning_rate=LR, momentum=MOMENTUM)
+    else:
+        raise SystemExit(f"OPTIMIZER must be 'adam' or 'sgd', not {OPTIMIZER!r}")
+    if MIXED_PRECISION and _has_gpu():
+        opt = keras.mixed_precision.LossScaleOptimizer(opt)
+    model.compile(optimizer=opt, loss=nasnet_v2.gdl_wce_loss, metrics=[nasnet_v2.dice_coef],
+                  jit_compile=JIT_COMPILE)
+    return model
+
+
+def _has_gpu():
+    try:
+        import tensorflow as tf
+        return bool(tf.config.list_physical_devices("GPU"))
+    except ImportError:
+        return False
+
+
+def pooled_dice(model, dataset, max_batches=0):
+    """The thesis's slice Dice over a dataset in inference mode: 2|P & T| / (|P| + |T|), P = prob > 0.5."""
+    from postprocess import dice, dice_counts
+    inter = n_pred = n_true = 0
+    for k in range(len(dataset)):
+        if max_batches and k >= max_batches:
+            break
+        x, y = dataset[k]
+        p = np.asarray(model.predict_on_batch(x))[..., 1] > 0.5
+        i, a, b = dice_counts(p, y[..., 1] > 0.5)
+        inter, n_pred, n_true = inter + i, n_pred + a, n_true + b
+    return dice(inter, n_pred, n_true)
+
+
+def make_callback(model, train_bn, val, folder, state, cfg):
+    """Per epoch: BN re-estimation, validation Dice, checkpoints, state.json, throughput, LR schedule, stop rules."""
+    import keras
+    import nasnet_v2
+
+    class EpochEnd(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0, self.steps = time.time(), 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps += 1
+            if LOG_EVERY and self.steps % LOG_EVERY == 0:
+                print(f"  batch {self.steps}: loss {logs.get('loss', float('nan')):.4f} "
+                      f"dice {logs.get('dice_coef', float('nan')):.3f}", flush=True)
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            train_s = time.time() - self.t0
+            state["train_seconds"] = state.get("train_seconds", 0.0) + train_s
+            logs["slices_per_s"] = self.steps * BATCH_SIZE / max(train_s, 1e-9)
+            if BN_REESTIMATE_BATCHES:
+                nasnet_v2.reestimate_bn_statistics(model, (train_bn[i] for i in range(len(train_bn))),
+                                                   max_batches=BN_REESTIMATE_BATCHES)
+            logs["val_dice"] = pooled_dice(model, val, VAL_MAX_BATCHES)
+            logs["lr"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+            improved = logs["val_dice"] > state.get("best_val_dice", -1.0)
+            if improved:
+                state["best_val_dice"], state["best_epoch"], state["stale"] = logs["val_dice"], epoch, 0
+                model.save(os.path.join(folder, "best.keras"))
+            else:
+                state["stale"] = state.get("stale", 0) + 1
+                if REDUCE_LR_PATIENCE and state["stale"] % REDUCE_LR_PATIENCE == 0:
+                    model.optimizer.learning_rate.assign(logs["lr"] / 2)
+            model.save(os.path.join(folder, "last.keras.tmp.keras"))
+            os.replace(os.path.join(folder, "last.keras.tmp.keras"), os.path.join(folder, "last.keras"))
+            state["epoch"] = epoch
+            with open(os.path.join(folder, "state.json"), "w") as f:
+                json.dump(state, f, indent=2)
+            print(f"epoch {epoch + 1}: loss {logs.get('loss', float('nan')):.4f} train dice "
+                  f"{logs.get('dice_coef', float('nan')):.3f} val dice {logs['val_dice']:.3f}"
+                  f"{' (best)' if improved else ''} | {logs['slices_per_s']:.1f} slices/s, {train_s:.0f} s",
+                  flush=True)
+            if EARLY_STOP_PATIENCE and state["stale"] >= EARLY_STOP_PATIENCE:
+                print(f"early stop: no better val dice for {state['stale']} epochs")
+                model.stop_training = True
+            if MAX_MINUTES and state["train_seconds"] >= MAX_MINUTES * 60:
+                print(f"time budget of {MAX_MINUTES} min reached")
+                model.stop_training = True
+
+    return EpochEnd()
+
+
+def main(argv=None):
+    cfg = configurator.configure(globals(), argv)
+    import keras
+    from data_generator_sequence_table import SliceTableDataset
+    import table as table_mod
+
+    table_path = TABLE or os.path.join(WORK_DIR, "2_table", "slices.h5")
+    split_dir = SPLIT_DIR or os.path.join(WORK_DIR, "3_split")
+    folder = out_dir()
+    for p in (table_path, os.path.join(split_dir, "train_idx.npy"), os.path.join(split_dir, "val_idx.npy")):
+        if not os.path.isfile(p):
+            raise SystemExit(f"{p}: not found (run table.py and slice_idx.py first)")
+    os.makedirs(folder, exist_ok=True)
+    keras.utils.set_random_seed(SEED)
+    train_idx = np.load(os.path.join(split_dir, "train_idx.npy"))
+    val_idx = np.load(os.path.join(split_dir, "val_idx.npy"))
+    if len(train_idx) < BATCH_SIZE or len(val_idx) == 0:
+        raise SystemExit(f"{split_dir}: {len(train_idx)} training and {len(val_idx)} validation rows; "
+                         f"need >= BATCH_SIZE ({BATCH_SIZE}) and >= 1")
+    workers = dict(workers=WORKERS, use_multiprocessing=WORKERS > 1) if WORKERS else {}
+    train = SliceTableDataset(table_path, train_idx, batch_size=BATCH_SIZE, augment=AUGMENT, rot_deg=ROT_DEG,
+                              zoom=ZOOM, shuffle=True, seed=SEED, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P,
+                              **workers)
+    train_bn = SliceTableDataset(table_path, train_idx, batch_size=BATCH_SIZE, augment=False, shuffle=True,
+                                 seed=SEED + 1, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P)
+    val = SliceTableDataset(table_path, val_idx, batch_size=BATCH_SIZE, augment=False, shuffle=False,
+                            drop_last=False, seed=SEED, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P)
+    settings = table_mod.table_settings(table_path)
+    cfg.update({"TABLE_" + k.upper(): v for k, v in settings.items()})
+    cfg["CROP"] = int(settings.get("crop", train.height))
+    cfg["CONTEXT_SLICES"] = int(train.context_slices)
+    cfg["INPUT_SHAPE"] = list(train.image_shape)
+    configurator.save_config(cfg, folder)
+
+    state, initial_epoch = {}, 0
+    last = os.path.join(folder, "last.keras")
+    if RESUME and os.path.isfile(last):
+        import nasnet_v2  # noqa: F401  (registers the loss and metric)
+        model = keras.saving.load_model(last)
+        state = json.load(open(os.path.join(folder, "state.json")))
+        initial_epoch = state["epoch"] + 1
+        print(f"resuming from {last}: epoch {initial_epoch + 1}, best val dice {state.get('best_val_dice', 0):.3f}")
+    else:
+        if RESUME:
+            print(f"RESUME=1 but {last} does not exist: starting from scratch")
+        model = build_model(train.image_shape)
+    if initial_epoch >= EPOCHS:
+        print(f"nothing to do: {initial_epoch} of {EPOCHS} epochs done")
+        return 0
+    train.set_epoch(initial_epoch)
+    print(f"training {VARIANT} on {len(train_idx)} slices ({len(train)} batches of {BATCH_SIZE}, input "
+          f"{train.image_shape}), validating on {len(val_idx)}; {model.count_params():,} parameters")
+    callbacks = [make_callback(model, train_bn, val, folder, state, cfg),
+                 keras.callbacks.CSVLogger(os.path.join(folder, "history.csv"), append=initial_epoch > 0)]
+    try:
+        import tensorboard  # noqa: F401
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(folder, "tensorboard"), write_graph=False))
+    except ImportError:
+        pass
+    t0 = time.time()
+    model.fit(train, epochs=EPOCHS, initial_epoch=initial_epoch, steps_per_epoch=STEPS_PER_EPOCH or None,
+              callbacks=callbacks, verbose=2 if LOG_EVERY == 0 else 0)
+    print(f"trained in {time.time() - t0:.0f} s; best val dice {state.get('best_val_dice', 0):.3f} "
+          f"(epoch {state.get('best_epoch', 0) + 1}) -> {os.path.join(folder, 'best.keras')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
