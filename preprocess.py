@@ -190,66 +190,58 @@ def _disc(radius_px):
     return (yy ** 2 + xx ** 2 <= r * r).astype(np.uint8)
 
 
+def _border_labels(lab, n):
+    """Boolean (n + 1,): which labels of a (Z, Y, X) in-plane labelling touch their slice's border."""
+    border = np.zeros(n + 1, dtype=bool)
+    for edge in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
+        border[np.unique(edge)] = True
+    return border
+
+
 def _fill_small_holes(mask, max_area_px):
-    """Fill, slice by slice, the holes of ``mask`` (Z, Y, X bool) whose area is at most ``max_area_px``."""
-    padded = np.pad(mask, ((1, 1), (0, 0), (0, 0)), constant_values=True)  # z ends: no way out through them
-    holes = ndi.binary_fill_holes(padded, structure=_plane_structure(4))[1:-1] & ~mask
-    lab, n = ndi.label(holes, structure=_plane_structure(4))
+    """Fill, slice by slice, the holes of ``mask`` (Z, Y, X bool) whose area is at most ``max_area_px``
+    (a hole: a background region of the slice that does not touch the slice's border)."""
+    lab, n = ndi.label(~mask, structure=_plane_structure(4))
     if n == 0:
         return mask
     area = np.bincount(lab.ravel(), minlength=n + 1)
-    small = area <= max_area_px
-    small[0] = False
-    return mask | small[lab]
+    fill = (area <= max_area_px) & ~_border_labels(lab, n)
+    fill[0] = False
+    return mask | fill[lab]
 
 
 def lung_mask_refined(hu, spacing_zyx):
     """The default lung mask of ``hu`` (Z, Y, X): air-like voxels (< AIR_HU) not connected, within their
-    slice, to the image border (outside air, table gap, field-of-view padding); the 3-D components that are
-    lungs (>= MIN_LUNG_FRACTION of the largest: drops stomach and bowel gas); small, very dark components of
-    a slice (trachea, main bronchi) removed; a closing of CLOSING_MM at the pleura; holes (vessels,
-    nodules) up to MAX_HOLE_MM2 filled."""
+    slice, to the image border (outside air, table gap, field-of-view padding; a region touching the border
+    but as dense as lung is kept: a small field of view can cut through the lungs); the 3-D components that
+    are lungs (>= MIN_LUNG_FRACTION of the largest: drops stomach and bowel gas); small, nearly pure-air
+    regions of a slice (trachea, main bronchi) removed; a closing of CLOSING_MM at the pleura; holes
+    (vessels, nodules) up to MAX_HOLE_MM2 filled."""
+    import cv2
     sz, sy, sx = spacing_zyx
     px_area = sy * sx
     air = hu < AIR_HU
-    lab, n = ndi.label(air, structure=_plane_structure(4))
-    border = np.zeros(n + 1, dtype=bool)
-    for edge in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
-        border[np.unique(edge)] = True
-    border[0] = False
-    # a region touching the image border is outside air, unless it is as dense as lung (a small field of
-    # view can cut through the lungs: then they touch the border too)
-    touching = np.nonzero(border)[0]
-    if len(touching):
-        dense = ndi.mean(hu, lab, touching) > OUTSIDE_AIR_HU
-        border[touching[dense]] = False
-    border[0] = True
-    inner = ~border[lab]
-    del lab
-    lab, n = ndi.label(inner)
-    if n == 0:
+    lab, n = ndi.label(air, structure=_plane_structure(4))         # in-plane air regions
+    area = np.bincount(lab.ravel(), minlength=n + 1).astype(np.float64)
+    mean_hu = np.bincount(lab.ravel(), weights=hu.ravel().astype(np.float64), minlength=n + 1) / np.maximum(area, 1)
+    outside = _border_labels(lab, n) & (mean_hu <= OUTSIDE_AIR_HU)
+    airway = (area * px_area <= AIRWAY_MAX_AREA_MM2) & (mean_hu < AIRWAY_HU)
+    outside[0] = airway[0] = True
+    inner = ~outside[lab]
+    lab3, n3 = ndi.label(inner)                                     # 3-D: lungs vs stomach / bowel gas
+    if n3 == 0:
         return np.zeros(hu.shape, dtype=np.uint8)
-    size = np.bincount(lab.ravel(), minlength=n + 1)
+    size = np.bincount(lab3.ravel(), minlength=n3 + 1)
     size[0] = 0
     lungs = size >= MIN_LUNG_FRACTION * size.max()
     lungs[0] = False
-    mask = lungs[lab]
-    del lab
-    # airways: per slice, a small component that is nearly pure air (lung parenchyma is much denser)
-    lab, n = ndi.label(mask, structure=_plane_structure(8))
-    if n:
-        idx = np.arange(1, n + 1)
-        area = ndi.sum_labels(np.ones_like(hu, dtype=np.float32), lab, idx)
-        mean_hu = ndi.mean(hu, lab, idx)
-        airway = np.zeros(n + 1, dtype=bool)
-        airway[1:] = (area * px_area <= AIRWAY_MAX_AREA_MM2) & (mean_hu < AIRWAY_HU)
-        mask &= ~airway[lab]
-    del lab
-    import cv2
+    mask = lungs[lab3] & ~airway[lab]                              # the mask's regions are whole air regions
+    del lab, lab3
     kernel = _disc(CLOSING_MM / sy)
     out = np.empty(mask.shape, dtype=np.uint8)
+    m8 = mask.view(np.uint8)
     for k in range(mask.shape[0]):
-        out[k] = cv2.morphologyEx(mask[k].astype(np.uint8), cv2.MORPH_CLOSE, kernel)
+        out[k] = cv2.morphologyEx(m8[k], cv2.MORPH_CLOSE, kernel)
     return _fill_small_holes(out.astype(bool), MAX_HOLE_MM2 / px_area).astype(np.uint8)
 
 
