@@ -1,0 +1,181 @@
+"""postprocess.main on a tiny WORK_DIR: hand-made stage-1 files, a split as slice_idx.py writes it, and a tiny
+saved Keras model (a 1x1 convolution: nodule where the network input is bright inside the lungs)."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+import ct_io
+import postprocess as pp
+
+# Keras's own get_weights/set_weights trip numpy 2's copy-keyword deprecation; not this project's code
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+SHAPE = (10, 64, 64)
+SPACING = (0.8, 0.8, 2.0)
+FLIP = (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)
+IDENTITY = (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
+
+
+def ellipse(shape, cy, cx, ry, rx):
+    yy, xx = np.ogrid[:shape[0], :shape[1]]
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+
+
+def make_scan(path, uid, direction=IDENTITY, nodules=((5, 30, 20, 8.0),), excluded=()):
+    """A body with two lungs and soft-tissue balls (nodules) in the left lung; stage-1 file at ``path``."""
+    origin = (-25.0, 40.0, -100.0)
+    hu = np.full(SHAPE, -1000, np.int16)
+    body = ellipse(SHAPE[1:], 32, 32, 28, 30)
+    lungs = ellipse(SHAPE[1:], 32, 20, 18, 9) | ellipse(SHAPE[1:], 32, 44, 18, 9)
+    hu[:, body] = 40
+    hu[:, lungs] = -850
+    lung_mask = np.zeros(SHAPE, np.uint8)
+    lung_mask[:, lungs] = 1
+    nodule_mask = np.zeros(SHAPE, np.uint8)
+    zz, yy, xx = np.ogrid[:SHAPE[0], :SHAPE[1], :SHAPE[2]]
+    rows = []
+    for k, (z, y, x, d) in enumerate(nodules, start=1):
+        r = d / 2.0
+        inside = (((zz - z) * SPACING[2] / r) ** 2 + ((yy - y) * SPACING[1] / r) ** 2
+                  + ((xx - x) * SPACING[0] / r) ** 2 <= 1)
+        hu[inside] = 30
+        nodule_mask[inside] = k
+        wx, wy, wz = ct_io.voxel_to_world((z, y, x), origin, SPACING, direction)
+        rows.append((k, z, y, x, wx, wy, wz, d, 4, b"sphere", 0))
+    for (z, y, x, d) in excluded:
+        wx, wy, wz = ct_io.voxel_to_world((z, y, x), origin, SPACING, direction)
+        rows.append((0, z, y, x, wx, wy, wz, d, 1, b"sphere", 1))
+    scan = ct_io.Scan(hu=hu, origin=origin, spacing=SPACING, direction=direction, seriesuid=uid,
+                      patient_id="p_" + uid, source="luna16", path=f"subset0/{uid}.mhd")
+    ct_io.write_scan_h5(path, scan, lung_mask, nodule_mask, np.array(rows, dtype=ct_io.NODULE_DTYPE))
+
+
+def tiny_model(path, input_hw=(None, None)):
+    """(H, W, 1) -> (H, W, 2) softmax with p(nodule) = sigmoid(10 (x - 0.5)): bright lung voxels are nodule."""
+    import keras
+    inp = keras.Input((*input_hw, 1))
+    out = keras.layers.Conv2D(2, 1, activation="softmax", name="logits")(inp)
+    model = keras.Model(inp, out, name="tiny")
+    model.get_layer("logits").set_weights([np.array([0.0, 10.0], np.float32).reshape(1, 1, 1, 2),
+                                           np.array([0.0, -5.0], np.float32)])
+    model.save(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("work")
+    pre = root / "1_preprocessed"
+    pre.mkdir()
+    make_scan(str(pre / "1.1.h5"), "1.1")
+    make_scan(str(pre / "1.2.h5"), "1.2", direction=FLIP, nodules=((4, 34, 18, 8.0), (6, 24, 46, 10.0)))
+    make_scan(str(pre / "1.3.h5"), "1.3", nodules=(), excluded=((5, 30, 44, -1.0),))
+    make_scan(str(pre / "2.1.h5"), "2.1")                          # training part: not evaluated
+    (pre / "1.9.h5").write_bytes(b"this is not an HDF5 file" * 10)  # corrupt, in the test part
+    split = root / "3_split"
+    split.mkdir()
+    for part, n in (("train", 4), ("val", 0), ("test", 7)):
+        np.save(split / f"{part}_idx.npy", np.arange(n, dtype=np.int64))
+    test_series = ["1.1", "1.2", "1.3", "1.9"]
+    info = {"mode": "random", "seed": 85,
+            "train": {"patients": ["p_2.1"], "series": ["2.1"], "rows": 4, "nodule_rows": 2},
+            "val": {"patients": [], "series": [], "rows": 0, "nodule_rows": 0},
+            "test": {"patients": ["p_" + s for s in test_series], "series": test_series, "rows": 7, "nodule_rows": 3}}
+    (split / "split.json").write_text(json.dumps(info))
+    mdir = root / "4_model"
+    mdir.mkdir()
+    tiny_model(str(mdir / "best.keras"))
+    (mdir / "config.json").write_text(json.dumps({"CROP": 0, "CONTEXT_SLICES": 1}))
+    rc = pp.main([f"--WORK_DIR={root}", "--N_PICTURES=2"])
+    return root, rc
+
+
+def test_outputs_and_grid(work):
+    import SimpleITK as sitk
+    import table
+    root, rc = work
+    assert rc != 0                                             # the corrupt scan failed
+    pred = root / "5_predictions"
+    assert sorted(os.listdir(pred)) == ["1.1.h5", "1.1.nii.gz", "1.2.h5", "1.2.nii.gz", "1.3.h5", "1.3.nii.gz"]
+    y0, x0, h, w = table.crop_box(SHAPE)
+    for uid in ("1.1", "1.2", "1.3"):
+        prob, mask, attrs = pp.read_prediction(str(pred / f"{uid}.h5"))
+        assert prob.shape == SHAPE and mask.shape == SHAPE and mask.dtype == np.uint8
+        assert prob.dtype == np.float16
+        outside = np.ones(SHAPE[1:], bool)
+        outside[y0:y0 + h, x0:x0 + w] = False
+        assert (prob[:, outside] == 0).all() and prob.max() <= 1
+        assert ((prob > 0.5) == (mask > 0)).all()
+        scan = ct_io.read_scan_h5(str(root / "1_preprocessed" / f"{uid}.h5"), arrays=("nodule_mask",))
+        img = sitk.ReadImage(str(pred / f"{uid}.nii.gz"))
+        assert img.GetSize() == SHAPE[::-1]
+        np.testing.assert_allclose(img.GetOrigin(), scan["attrs"]["origin"], atol=1e-4)
+        np.testing.assert_allclose(img.GetSpacing(), scan["attrs"]["spacing"], atol=1e-5)
+        np.testing.assert_allclose(img.GetDirection(), scan["attrs"]["direction"], atol=1e-6)
+        assert (sitk.GetArrayFromImage(img) == mask).all()
+    # the easy model finds every nodule, on the identity and on the flipped scan
+    prob, mask, _ = pp.read_prediction(str(pred / "1.2.h5"))
+    truth = ct_io.read_scan_h5(str(root / "1_preprocessed" / "1.2.h5"), arrays=("nodule_mask",))["nodule_mask"]
+    assert pp.dice(*pp.dice_counts(mask, truth > 0)) > 0.6
+
+
+def test_report(work):
+    root, rc = work
+    rep = root / "6_report"
+    for name in ("metrics.json", "nodules.csv", "candidates.csv", "candidates_detail.csv", "froc.png", "config.json"):
+        assert (rep / name).is_file(), name
+    m = json.loads((rep / "metrics.json").read_text())
+    assert m["n_scans"] == 3 and m["n_nodules"] == 3 and m["n_excluded_annotations"] == 1
+    assert len(m["failed_scans"]) == 1 and "1.9.h5" in m["failed_scans"][0]["path"]
+    assert m["sensitivity"]["value"] == 1.0 and m["fp_per_scan"]["value"] == 0.0
+    assert m["cpm"]["value"] == 1.0
+    assert m["slice_dice"]["value"] > 0.6 and "definition" in m["slice_dice"]
+    assert m["timing"]["scans_predicted"] == 3 and m["timing"]["seconds_per_scan"] > 0
+    with open(rep / "nodules.csv") as f:
+        nodules = list(csv.DictReader(f))
+    assert len(nodules) == 3 and {r["seriesuid"] for r in nodules} == {"1.1", "1.2"}
+    assert all(r["found"] == "True" for r in nodules)
+    with open(rep / "candidates.csv") as f:
+        reader = csv.reader(f)
+        assert next(reader) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+        cands = list(reader)
+    assert len(cands) == 3
+    for r in nodules:                                          # each nodule's candidate is at its world center
+        near = [c for c in cands if c[0] == r["seriesuid"] and np.linalg.norm(
+            np.array(c[1:4], float) - [float(r["world_x"]), float(r["world_y"]), float(r["world_z"])]) < 1.0]
+        assert len(near) == 1
+    pics = os.listdir(rep / "pictures")
+    assert "found_00.png" in pics and "found_01.png" in pics and "found_02.png" not in pics
+    assert sorted(os.listdir(rep / "pictures" / "mip")) == ["1.1.png", "1.2.png", "1.3.png"]
+    assert json.loads((rep / "config.json").read_text())["N_PICTURES"] == 2
+    assert not [f for f in os.listdir(root / "5_predictions") if ".tmp" in f]
+
+
+def test_rerun_reuses_predictions_and_all_scans(work):
+    root, _ = work
+    before = os.path.getmtime(root / "5_predictions" / "1.1.h5")
+    rc = pp.main([f"--WORK_DIR={root}", "--SCANS=all", "--N_PICTURES=0", "--WRITE_MIP=0"])
+    assert rc != 0
+    m = json.loads((root / "6_report" / "metrics.json").read_text())
+    assert m["n_scans"] == 4 and m["timing"]["scans_predicted"] == 1      # only 2.1 was new
+    assert os.path.getmtime(root / "5_predictions" / "1.1.h5") == before
+    assert pp.N_PICTURES == 8                                            # main restored the file's constants
+
+
+def test_model_with_fixed_input_size_is_rebuilt(tmp_path):
+    """A nasnet_v2 network trained at one size predicts slices of another size with the same weights."""
+    import nasnet_v2
+    model = nasnet_v2.get_model((32, 32, 1), variant="unet", base_filters=2, depth=2)
+    big = pp.rebuild_model(model, (50, 50, 1))
+    assert big.input_shape == (None, 50, 50, 1) and big.output_shape == (None, 50, 50, 2)
+    for a, b in zip(model.get_weights(), big.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    path = str(tmp_path / "fixed.keras")
+    model.save(path)
+    pr = pp.Predictor(path)
+    hu = np.full((3, 64, 64), -800, np.int16)
+    prob, box = pr.predict(hu, np.ones(hu.shape, np.uint8), batch_size=2)
+    assert prob.shape == hu.shape and (box[0].stop - box[0].start, box[1].stop - box[1].start) == (50, 50)
