@@ -283,19 +283,15 @@ def lung_mask(hu, spacing_xyz, direction, method=None):
 # ----------------------------------------------------------------------------- nodule labels
 
 def sphere_mask(shape, center_zyx, diameter_mm, spacing_zyx):
-    """Voxels within diameter/2 mm of the centre (bool, Z, Y, X)."""
+    """Voxels within diameter/2 mm of the centre, as (box, slices): ``box`` bool, ``mask[slices]`` its region."""
     r = diameter_mm / 2.0
     c = np.asarray(center_zyx, dtype=np.float64)
     s = np.asarray(spacing_zyx, dtype=np.float64)
     lo = np.maximum(np.floor(c - r / s).astype(int), 0)
-    hi = np.minimum(np.ceil(c + r / s).astype(int) + 1, shape)
-    out = np.zeros(shape, dtype=bool)
-    if np.any(hi <= lo):
-        return out
+    hi = np.maximum(np.minimum(np.ceil(c + r / s).astype(int) + 1, shape), lo)
     g = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     d2 = sum(((g[i] - c[i]) * s[i]) ** 2 for i in range(3))
-    out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = d2 <= r * r
-    return out
+    return d2 <= r * r, tuple(slice(a, b) for a, b in zip(lo, hi))
 
 
 def _nodule_row(index, center_zyx, world_xyz, diameter, n_readers, source, excluded):
@@ -317,7 +313,7 @@ def _check_inside(scan, center_zyx, world_xyz):
 def label_nodules(scan, found):
     """Draw the labels. ``found``: list of dicts with world (x, y, z), diameter, n_readers, excluded and
     optionally ``consensus`` = (bool mask, (z0, y0, x0)) in the scan's voxel grid. Returns (mask, rows)."""
-    from cell_magic_wand import wand_nodule_mask
+    from cell_magic_wand import wand_nodule_box
     spacing_zyx = tuple(scan.spacing)[::-1]
     mask = np.zeros(scan.hu.shape, dtype=np.uint8)
     rows = []
@@ -328,25 +324,22 @@ def label_nodules(scan, found):
         draw = not nod["excluded"] and nod["diameter"] > MIN_DIAMETER_MM
         if draw:
             if method == "wand":
-                m = wand_nodule_mask(scan.hu, center, nod["diameter"], spacing_zyx,
-                                     three_slice=THREE_SLICE_LABELS, hu_floor=WAND_HU_FLOOR)
+                box, where = wand_nodule_box(scan.hu, center, nod["diameter"], spacing_zyx,
+                                             three_slice=THREE_SLICE_LABELS, hu_floor=WAND_HU_FLOOR)
             elif method == "consensus":
-                cm, (z0, y0, x0) = nod["consensus"]
-                m = np.zeros(scan.hu.shape, dtype=bool)
-                m[z0:z0 + cm.shape[0], y0:y0 + cm.shape[1], x0:x0 + cm.shape[2]] = cm
-                if THREE_SLICE_LABELS:
-                    c = int(round(center[0]))
-                    m[:max(c - 1, 0)] = False
-                    m[c + 2:] = False
+                box, (z0, y0, x0) = nod["consensus"]
+                where = (slice(z0, z0 + box.shape[0]), slice(y0, y0 + box.shape[1]), slice(x0, x0 + box.shape[2]))
             elif method == "sphere":
-                m = sphere_mask(scan.hu.shape, center, nod["diameter"], spacing_zyx)
-                if THREE_SLICE_LABELS:
-                    c = int(round(center[0]))
-                    m[:max(c - 1, 0)] = False
-                    m[c + 2:] = False
+                box, where = sphere_mask(scan.hu.shape, center, nod["diameter"], spacing_zyx)
             else:
                 raise ValueError(f"LABELS must be 'wand', 'consensus' or 'sphere', not {LABELS!r}")
-            mask[m & (mask == 0)] = k
+            if THREE_SLICE_LABELS and method != "wand":      # the wand applies the thesis rule itself
+                c = int(round(center[0])) - where[0].start
+                box = box.copy()
+                box[:max(c - 1, 0)] = False
+                box[c + 2:] = False
+            region = mask[where]
+            region[box & (region == 0)] = k
         rows.append(_nodule_row(k, center, nod["world"], nod["diameter"], nod.get("n_readers", -1),
                                 method if draw else "none", int(nod["excluded"])))
     return mask, np.array(rows, dtype=NODULE_DTYPE)
@@ -458,9 +451,7 @@ def main(argv=None):
     out_dir = OUT_DIR or os.path.join(WORK_DIR, "1_preprocessed")
     os.makedirs(out_dir, exist_ok=True)
     configurator.save_config(cfg, out_dir)
-    logging.basicConfig(level=logging.INFO, format="%(message)s",
-                        handlers=[logging.FileHandler(os.path.join(out_dir, "preprocess.log"), mode="a"),
-                                  logging.StreamHandler(sys.stderr)])
+    _setup_log(os.path.join(out_dir, "preprocess.log"))
     input_dir = INPUT_DIR or os.path.join(WORK_DIR, "0_synthetic", DATASET)
     if not os.path.isdir(input_dir):
         raise SystemExit(f"INPUT_DIR {input_dir}: no such folder")
@@ -499,6 +490,26 @@ def main(argv=None):
     for r in failed:
         log.info(f"  FAILED {r[2]}")
     return 1 if failed else 0
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines to stderr through tqdm, so that they start on a line of their own below the progress bar."""
+
+    def emit(self, record):
+        from tqdm import tqdm
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_log(path):
+    """The stage's log: one line per event to stderr and appended to ``path``."""
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    for h in (logging.FileHandler(path, mode="a"), _TqdmHandler()):
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def _report(r):

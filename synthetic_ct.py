@@ -913,7 +913,7 @@ def write_dicom_series(s, folder):
         z = float(s["zvals"][k])
         ds.ImagePositionPatient = [pydicom.valuerep.DSfloat(v, auto_format=True)
                                    for v in (s["ipp_xy"][0], s["ipp_xy"][1], z)]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImageOrientationPatient = list(s.get("orientation", (1, 0, 0, 0, 1, 0)))   # row, column cosines
         ds.SliceLocation = pydicom.valuerep.DSfloat(z, auto_format=True)
         ds.PixelSpacing = [pydicom.valuerep.DSfloat(s["pixel_spacing"], auto_format=True)] * 2
         ds.SliceThickness = pydicom.valuerep.DSfloat(s["slice_thickness"], auto_format=True)

