@@ -1,0 +1,280 @@
+"""Keras data source reading (image, one-hot label) batches from the slice table, with augmentation.
+
+Reads ``WORK_DIR/2_table/slices.h5`` (table.py) and a row index (``WORK_DIR/3_split/train_idx.npy``, ...).
+Writes nothing. Used by nasnet_v2_train.py:
+
+    from data_generator_sequence_table import SliceTableDataset
+    train = SliceTableDataset("work/2_table/slices.h5", np.load("work/3_split/train_idx.npy"),
+                              batch_size=12, augment=True, shuffle=True, seed=85, workers=2,
+                              use_multiprocessing=True)
+    val = SliceTableDataset(path, np.load(".../val_idx.npy"), augment=False, shuffle=False, drop_last=False)
+    model.fit(train, validation_data=val, epochs=..., shuffle=False)   # the dataset shuffles itself (seeded);
+                                                  # fit's shuffle=True would reorder batches with an unseeded RNG
+
+    python data_generator_sequence_table.py --WORK_DIR=work    # prints the batches' shapes and speed
+
+Each batch: x float32 (B, H, W, C) (C = the table's CONTEXT_SLICES), y float32 (B, H, W, 2) one-hot
+(background, nodule). Augmentation (the thesis's, label bug fixed): flips of each axis with p = 0.5, rotation
+uniform in +-ROT_DEG degrees, optional zoom; one affine matrix per sample moves image and label together
+(cv2.warpAffine, border replicated), the image bilinear, the label nearest ("nearest"), bilinear then >= 0.5
+("threshold"), or bilinear then truncated to int ("truncate": the thesis's bug, which shrinks nodules at every
+non-zero angle; for reproduction only). Optional random crops (``crop`` px) holding a nodule with
+probability ``crop_nodule_p``, the rest placed uniformly (negatives).
+
+Determinism: the epoch's order is a permutation drawn from (seed, epoch) and each batch's augmentation from
+(seed, epoch, batch index), so the same seed gives the same batches whichever worker computes them and in
+whatever order. ``on_epoch_end`` moves to the next epoch; ``set_epoch(k)`` jumps to epoch k (resume).
+
+Workers: PyTables is not thread-safe, so the file is opened lazily, once per process (the handle is keyed by
+the process id and reopened after a fork; it is never pickled), and threads of one process (workers > 1
+without multiprocessing) read under a lock. ``workers=2, use_multiprocessing=True`` (Keras 3 PyDataset
+arguments) computes batches in two processes.
+"""
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+
+try:
+    import keras
+    _PyDataset = keras.utils.PyDataset
+except ImportError:                                    # the table tools work without keras
+    _PyDataset = object
+
+# ----------------------------------------------------------------------------- constants (command-line demo)
+WORK_DIR = "work"              # root of a run
+TABLE = ""                     # the slice table; "" = WORK_DIR/2_table/slices.h5
+INDEX = ""                     # row index .npy; "" = WORK_DIR/3_split/train_idx.npy
+BATCH_SIZE = 12                # thesis: 12
+ROT_DEG = 6.0                  # rotation uniform in +-ROT_DEG degrees (thesis: 6)
+ZOOM = 0.0                     # zoom uniform in [1 - ZOOM, 1 + ZOOM] (thesis: none)
+LABEL_INTERP = "nearest"       # "nearest", "threshold" (bilinear >= 0.5) or "truncate" (thesis bug)
+TRAIN_CROP = 0                 # random crop side (px); 0 = whole slice
+CROP_NODULE_P = 0.8            # share of crops placed on a nodule (when the slice has one)
+SEED = 85                      # shuffle and augmentation seed
+N_BATCHES = 20                 # batches read by the demo
+
+_LOCK = threading.Lock()       # serialises HDF5 reads of the threads of one process
+
+
+def _reset_lock():
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_lock)   # a lock held by a thread at fork time would never free
+
+
+_OPEN = []                     # handles opened by this process, closed quietly at exit
+
+
+def _close_open_files():
+    for h5 in _OPEN:
+        if h5.isopen:
+            h5.close()
+
+
+def _register_for_exit(h5):
+    if not _OPEN:
+        import atexit
+        atexit.register(_close_open_files)   # runs before PyTables' own handler, which warns about open files
+    _OPEN.append(h5)
+
+
+class SliceTableDataset(_PyDataset):
+    """Batches of rows ``indexes`` of the slice table at ``path``.
+
+    Args: batch_size; augment (flips, rotation, zoom); flip; rot_deg; zoom; label_interp ("nearest",
+    "threshold", "truncate"); shuffle (reshuffle every epoch); drop_last (drop the last partial batch: True
+    for training); seed; crop (random crop side, 0 = whole slice) and crop_nodule_p; one_hot (y with 2
+    channels, else (B, H, W, 1) 0/1); workers, use_multiprocessing, max_queue_size (Keras PyDataset)."""
+
+    def __init__(self, path, indexes, batch_size=12, augment=True, flip=True, rot_deg=6.0, zoom=0.0,
+                 label_interp="nearest", shuffle=True, drop_last=True, seed=85, crop=0, crop_nodule_p=0.8,
+                 one_hot=True, **kwargs):
+        if _PyDataset is not object:
+            super().__init__(**kwargs)
+        if label_interp not in ("nearest", "threshold", "truncate"):
+            raise ValueError(f"label_interp: 'nearest', 'threshold' or 'truncate', got {label_interp!r}")
+        import tables
+        self.path = os.path.abspath(path)
+        with tables.open_file(self.path, "r") as h5:     # metadata only; the reading handle opens lazily
+            n_rows = h5.root.data.shape[0]
+            tail = tuple(int(s) for s in h5.root.data.shape[1:])
+            self.context_slices = int(getattr(h5.root._v_attrs, "CONTEXT_SLICES", 1))
+        self.indexes = np.asarray(indexes, dtype=np.int64).ravel()
+        if len(self.indexes) and (self.indexes.min() < 0 or self.indexes.max() >= n_rows):
+            raise ValueError(f"{path}: indexes outside the table's {n_rows} rows")
+        self.height, self.width = tail[0], tail[1]
+        self.batch_size, self.augment, self.flip = int(batch_size), augment, flip
+        self.rot_deg, self.zoom, self.label_interp = float(rot_deg), float(zoom), label_interp
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
+        self.crop = int(crop) if crop and crop < min(self.height, self.width) else 0
+        self.crop_nodule_p, self.one_hot = float(crop_nodule_p), one_hot
+        self._h5, self._pid = None, None
+        self.set_epoch(0)
+
+    # ------------------------------------------------------------------ shape and order
+    @property
+    def image_shape(self):
+        """(H, W, C) of x (without the batch axis)."""
+        side = (self.crop, self.crop) if self.crop else (self.height, self.width)
+        return side + (self.context_slices,)
+
+    def __len__(self):
+        n = len(self.indexes)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch):
+        """Use epoch ``epoch``'s order and augmentation (epochs count from 0)."""
+        self.epoch = int(epoch)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self.order = rng.permutation(len(self.indexes))
+        else:
+            self.order = np.arange(len(self.indexes))
+
+    def on_epoch_end(self):
+        self.set_epoch(self.epoch + 1)
+
+    # ------------------------------------------------------------------ reading
+    def _file(self):
+        if self._h5 is None or self._pid != os.getpid():
+            import tables
+            self._h5 = tables.open_file(self.path, "r")   # after a fork: a new handle, the parent's is left alone
+            self._pid = os.getpid()
+            _register_for_exit(self._h5)
+        return self._h5
+
+    def __getstate__(self):                                # spawn / pickling: never ship an open handle
+        state = dict(self.__dict__)
+        state["_h5"], state["_pid"] = None, None
+        return state
+
+    def close(self):
+        if self._h5 is not None and self._pid == os.getpid() and self._h5.isopen:
+            self._h5.close()
+        self._h5 = None
+
+    def read_rows(self, rows):
+        """Table rows -> (images (k, H, W, C) float32, labels (k, H, W) uint8), unaugmented."""
+        rows = np.asarray(rows, dtype=np.int64)
+        x = np.empty((len(rows), self.height, self.width, self.context_slices), np.float32)
+        y = np.empty((len(rows), self.height, self.width), np.uint8)
+        with _LOCK:
+            h5 = self._file()
+            for i in np.argsort(rows, kind="stable"):     # in file order
+                d = h5.root.data[rows[i]]
+                x[i] = d[..., None] if d.ndim == 2 else d
+                y[i] = h5.root.truth[rows[i]]
+        return x, y
+
+    # ------------------------------------------------------------------ augmentation
+    def _matrix(self, rng):
+        """Draw one sample's flips, angle and zoom -> 2x3 affine matrix (output <- input) or None (identity)."""
+        fy, fx = (rng.random(2) < 0.5) if self.flip else (False, False)
+        angle = rng.uniform(-self.rot_deg, self.rot_deg) if self.rot_deg > 0 else 0.0
+        scale = rng.uniform(1 - self.zoom, 1 + self.zoom) if self.zoom > 0 else 1.0
+        if not (fy or fx or angle or scale != 1.0):
+            return None
+        cy, cx = (self.height - 1) / 2.0, (self.width - 1) / 2.0
+        import cv2
+        rot = np.vstack([cv2.getRotationMatrix2D((cx, cy), angle, scale), [0, 0, 1]])
+        flip = np.array([[-1 if fx else 1, 0, 2 * cx if fx else 0],
+                         [0, -1 if fy else 1, 2 * cy if fy else 0], [0, 0, 1]], np.float64)
+        return (rot @ flip)[:2]
+
+    def _crop_origin(self, m, label, rng):
+        """Top-left corner (y, x) of a random crop in output coordinates, on a nodule with p = crop_nodule_p."""
+        c, hh, ww = self.crop, self.height, self.width
+        on_nodule = rng.random() < self.crop_nodule_p
+        pick = rng.random()
+        uy, ux = rng.random(2)
+        if on_nodule:
+            ys, xs = np.nonzero(label)
+            if len(ys):
+                k = min(int(pick * len(ys)), len(ys) - 1)
+                py, px = float(ys[k]), float(xs[k])
+                if m is not None:
+                    px, py = m @ np.array([px, py, 1.0])
+                py = min(max(int(round(py)), 0), hh - 1)
+                px = min(max(int(round(px)), 0), ww - 1)
+                # a uniform corner such that the nodule pixel lies inside the crop
+                y_lo, y_hi = max(py - c + 1, 0), min(py, hh - c)
+                x_lo, x_hi = max(px - c + 1, 0), min(px, ww - c)
+                return y_lo + int(uy * (y_hi - y_lo + 1)), x_lo + int(ux * (x_hi - x_lo + 1))
+        return int(uy * (hh - c + 1)), int(ux * (ww - c + 1))
+
+    def augment_sample(self, image, label, rng):
+        """One (H, W, C) image and its (H, W) 0/1 label -> augmented (h, w, C) float32, (h, w) uint8."""
+        import cv2
+        m = self._matrix(rng) if self.augment else None
+        if self.crop:
+            y0, x0 = self._crop_origin(m, label, rng)
+            shift = np.array([[1, 0, -x0], [0, 1, -y0]], np.float64)
+            m = (np.vstack([m, [0, 0, 1]]) if m is not None else np.eye(3))
+            m = shift @ m                                # warp only the crop's pixels
+            size = (self.crop, self.crop)
+        else:
+            size = (self.width, self.height)
+        if m is None:
+            return image, label
+        img = cv2.warpAffine(image, m, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        if img.ndim == 2:
+            img = img[..., None]
+        if self.label_interp == "nearest":
+            lab = cv2.warpAffine(label, m, size, flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)
+        else:
+            soft = cv2.warpAffine(label.astype(np.float32), m, size, flags=cv2.INTER_LINEAR,
+                                  borderMode=cv2.BORDER_REPLICATE)
+            lab = (soft >= 0.5) if self.label_interp == "threshold" else soft.astype(np.int32)
+            lab = lab.astype(np.uint8)
+        return img, lab
+
+    # ------------------------------------------------------------------ batches
+    def batch_rows(self, index):
+        """The table rows of batch ``index`` in the current epoch."""
+        return self.indexes[self.order[index * self.batch_size:(index + 1) * self.batch_size]]
+
+    def __getitem__(self, index):
+        if index < 0 or index >= len(self):
+            raise IndexError(f"batch {index} of {len(self)}")
+        rows = self.batch_rows(index)
+        images, labels = self.read_rows(rows)
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        h, w, c = self.image_shape
+        x = np.empty((len(rows), h, w, c), np.float32)
+        y = np.empty((len(rows), h, w), np.uint8)
+        for i in range(len(rows)):
+            x[i], y[i] = self.augment_sample(images[i], labels[i], rng)
+        if not self.one_hot:
+            return x, y[..., None].astype(np.float32)
+        onehot = np.empty((len(rows), h, w, 2), np.float32)
+        onehot[..., 1] = y
+        onehot[..., 0] = 1.0 - onehot[..., 1]
+        return x, onehot
+
+
+def main(argv=None):
+    from tqdm import tqdm
+    from configurator import configure
+    configure(globals(), argv)
+    table = TABLE or os.path.join(WORK_DIR, "2_table", "slices.h5")
+    index = np.load(INDEX or os.path.join(WORK_DIR, "3_split", "train_idx.npy"))
+    ds = SliceTableDataset(table, index, batch_size=BATCH_SIZE, rot_deg=ROT_DEG, zoom=ZOOM,
+                           label_interp=LABEL_INTERP, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P, seed=SEED)
+    n = min(N_BATCHES, len(ds))
+    t0 = time.time()
+    for i in tqdm(range(n), desc="batches"):
+        x, y = ds[i]
+    dt = time.time() - t0
+    print(f"{len(ds)} batches per epoch; x {x.shape} {x.dtype}, y {y.shape} {y.dtype}; "
+          f"{n / max(dt, 1e-9):.1f} batches/s in this process")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

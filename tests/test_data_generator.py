@@ -1,0 +1,181 @@
+"""The Keras data source (data_generator_sequence_table.py) on a small table built from stage-1 files.
+
+- augmentation keeps each nodule under its label: label area within 3 % of the unaugmented one at random
+  angles, and the bright nodule pixels stay inside the label (image and label moved by the same matrix);
+  the thesis's truncated label shrinks it (kept only as an option);
+- the same seed gives the same batches (per epoch), another seed or epoch other batches;
+- 2 worker processes (and 2 threads) give exactly the batches of 0 workers; a tiny model trains with them;
+- random crops hold a nodule with the requested probability; shapes, one-hot labels, dropped last batch.
+"""
+import importlib
+import os
+import sys
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from test_table_split import make_stage1_scan  # noqa: E402
+
+keras = pytest.importorskip("keras")
+from data_generator_sequence_table import SliceTableDataset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def table_path(tmp_path_factory):
+    work = tmp_path_factory.mktemp("gen")
+    d = work / "1_preprocessed"
+    d.mkdir()
+    for i in range(5):
+        make_stage1_scan(str(d / f"1.4.{i}.h5"), f"1.4.{i}", f"P{i}", size=128, n_z=12, seed=i,
+                         nodules=((6, 60 + 3 * i, 55, 11.0), (4, 40, 85, 6.0)))
+    table = importlib.reload(importlib.import_module("table"))
+    assert table.main([f"--WORK_DIR={work}", "--NEG_PER_SCAN=3"]) == 0
+    return str(work / "2_table" / "slices.h5")
+
+
+def _nodule_rows(path):
+    import tables
+    with tables.open_file(path) as h5:
+        return np.nonzero(h5.root.slices.col("n_nodule_pixels") > 150)[0]
+
+
+def test_shapes_one_hot_and_drop_last(table_path):
+    import tables
+    with tables.open_file(table_path) as h5:
+        n = len(h5.root.slices)
+    ds = SliceTableDataset(table_path, np.arange(n), batch_size=4)
+    assert len(ds) == n // 4 and ds.image_shape == (100, 100, 1)
+    x, y = ds[0]
+    assert x.shape == (4, 100, 100, 1) and x.dtype == np.float32
+    assert y.shape == (4, 100, 100, 2) and y.dtype == np.float32
+    np.testing.assert_array_equal(y.sum(-1), 1.0)
+    assert set(np.unique(y)) <= {0.0, 1.0}
+    val = SliceTableDataset(table_path, np.arange(n), batch_size=4, augment=False, shuffle=False, drop_last=False)
+    assert len(val) == -(-n // 4) and val[len(val) - 1][0].shape[0] == n - 4 * (len(val) - 1)
+    xr, yr = val.read_rows([0, 1, 2, 3])                     # unaugmented, unshuffled = the table's rows
+    np.testing.assert_array_equal(val[0][0], xr)
+    np.testing.assert_array_equal(val[0][1][..., 1], yr)
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+@pytest.mark.parametrize("mode", ["nearest", "threshold"])
+def test_augmentation_keeps_nodule_under_label(table_path, mode):
+    rows = _nodule_rows(table_path)
+    plain = SliceTableDataset(table_path, rows, batch_size=1, augment=False, shuffle=False)
+    aug = SliceTableDataset(table_path, rows, batch_size=1, rot_deg=6.0, label_interp=mode, shuffle=False)
+    images, labels = plain.read_rows(rows)
+    worst_area, worst_out = 0.0, 0.0
+    for epoch in range(8):                                    # 8 random angles / flips per slice
+        aug.set_epoch(epoch)
+        for i in range(len(rows)):
+            x, y = aug[i]
+            lab = y[0, ..., 1] > 0.5
+            img = x[0, ..., 0]
+            area0 = labels[i].sum()
+            worst_area = max(worst_area, abs(lab.sum() - area0) / area0)
+            # bright = nodule (z-score of ~40 HU among lung at ~ -850 HU); threshold halfway
+            inside = images[i, ..., 0][labels[i] > 0]
+            lung = images[i, ..., 0][(labels[i] == 0) & (images[i, ..., 0] != 0)]
+            t = (np.median(inside) + np.median(lung)) / 2
+            bright = img > t
+            assert not np.any(bright & ~ndi.binary_dilation(lab)), "bright pixels off the label"
+            worst_out = max(worst_out, (bright & ~lab).sum() / bright.sum())
+            assert (lab & bright).sum() >= 0.9 * lab.sum()
+    print(f"{mode}: worst label area change {100 * worst_area:.2f} %, bright pixels outside {100 * worst_out:.2f} %")
+    assert worst_area <= 0.03
+    assert worst_out <= 0.05
+
+
+def test_thesis_truncation_shrinks_labels(table_path):
+    rows = _nodule_rows(table_path)
+    ds = SliceTableDataset(table_path, rows, batch_size=len(rows), flip=False, rot_deg=6.0, label_interp="truncate")
+    _, labels = ds.read_rows(ds.batch_rows(0))
+    _, y = ds[0]
+    ratio = y[..., 1].sum() / labels.sum()
+    assert ratio < 0.97                                        # the bug the default fixes
+
+
+def test_same_seed_same_batches(table_path):
+    rows = np.arange(30)
+    a = SliceTableDataset(table_path, rows, batch_size=4, seed=7, zoom=0.1)
+    b = SliceTableDataset(table_path, rows, batch_size=4, seed=7, zoom=0.1)
+    c = SliceTableDataset(table_path, rows, batch_size=4, seed=8, zoom=0.1)
+    first = [a[i] for i in range(len(a))]
+    for i in reversed(range(len(b))):                          # order of requests does not matter
+        np.testing.assert_array_equal(first[i][0], b[i][0])
+        np.testing.assert_array_equal(first[i][1], b[i][1])
+    assert any(not np.array_equal(first[i][0], c[i][0]) for i in range(len(c)))
+    a.on_epoch_end()
+    b.set_epoch(1)
+    assert not np.array_equal(a.order, np.arange(30)) and not np.array_equal(a.order, c.order)
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a[i][0], b[i][0])
+    assert any(not np.array_equal(a[i][0], first[i][0]) for i in range(len(a)))
+    covered = np.sort(np.concatenate([a.batch_rows(i) for i in range(len(a))]))
+    assert len(np.unique(covered)) == len(covered) == 4 * len(a)
+
+
+def _epochs(ds, n_epochs):
+    """Batches as Keras's fit loop gets them (the PyDataset adapter, its enqueuer for workers)."""
+    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+    adapter = PyDatasetAdapter(ds, shuffle=False)
+    out = []
+    for _ in range(n_epochs):
+        adapter.on_epoch_begin()
+        out.append([tuple(np.asarray(t) for t in b) for b in adapter.get_numpy_iterator()])
+        adapter.on_epoch_end()
+    return out
+
+
+@pytest.mark.parametrize("multiprocessing", [True, False])
+def test_workers_give_the_same_batches(table_path, multiprocessing):
+    rows = np.arange(24)
+    kw = dict(batch_size=4, seed=3, crop=48, crop_nodule_p=0.7)
+    ref = _epochs(SliceTableDataset(table_path, rows, workers=0, **kw), 2)
+    par = _epochs(SliceTableDataset(table_path, rows, workers=2, use_multiprocessing=multiprocessing, **kw), 2)
+    assert len(ref) == len(par) == 2 and len(ref[0]) == 6
+    for e in range(2):
+        for (x0, y0), (x1, y1) in zip(ref[e], par[e]):
+            np.testing.assert_array_equal(x0, x1)
+            np.testing.assert_array_equal(y0, y1)
+    assert not np.array_equal(ref[0][0][0], ref[1][0][0])      # a new epoch: other batches
+
+
+def test_fit_with_worker_processes(table_path):
+    rows = np.arange(16)
+    ds = SliceTableDataset(table_path, rows, batch_size=4, crop=32, workers=2, use_multiprocessing=True)
+    model = keras.Sequential([keras.Input(ds.image_shape), keras.layers.Conv2D(2, 3, padding="same",
+                                                                               activation="softmax")])
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    hist = model.fit(ds, epochs=2, verbose=0)
+    assert len(hist.history["loss"]) == 2 and np.all(np.isfinite(hist.history["loss"]))
+
+
+def test_random_crops_hold_nodules(table_path):
+    rows = _nodule_rows(table_path)
+    on = SliceTableDataset(table_path, rows, batch_size=len(rows), crop=24, crop_nodule_p=1.0)
+    off = SliceTableDataset(table_path, rows, batch_size=len(rows), crop=24, crop_nodule_p=0.0)
+    hits_on = hits_off = 0
+    for e in range(3):
+        on.set_epoch(e)
+        off.set_epoch(e)
+        x, y = on[0]
+        assert x.shape == (len(rows), 24, 24, 1) and y.shape == (len(rows), 24, 24, 2)
+        hits_on += int((y[..., 1].reshape(len(rows), -1).max(1) > 0).sum())
+        hits_off += int((off[0][1][..., 1].reshape(len(rows), -1).max(1) > 0).sum())
+    assert hits_on == 3 * len(rows)
+    assert hits_off < hits_on
+
+
+def test_context_channels(table_path, tmp_path):
+    work = os.path.dirname(os.path.dirname(table_path))
+    table = importlib.reload(importlib.import_module("table"))
+    assert table.main([f"--WORK_DIR={work}", f"--OUT_DIR={tmp_path}", "--NEG_PER_SCAN=1", "--CONTEXT_SLICES=3"]) == 0
+    ds = SliceTableDataset(str(tmp_path / "slices.h5"), np.arange(8), batch_size=4)
+    x, y = ds[1]
+    assert ds.image_shape == (100, 100, 3) and x.shape == (4, 100, 100, 3) and y.shape == (4, 100, 100, 2)
