@@ -1,7 +1,20 @@
-# make test | make demo | make bench : each creates .venv and installs requirements.txt on first use.
+# make test | make demo | make bench | make train-long : each creates .venv and installs requirements.txt first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+export TF_CPP_MIN_LOG_LEVEL := 3
+export PYTHONUNBUFFERED := 1
+
+# The demo preset, chosen for a 2-core CPU (about 20 minutes): a synthetic LUNA16-format cohort at 256 px
+# (in-plane spacing doubled), crops of 192 px, three neighbouring slices as channels, a time-boxed training.
+DEMO_WORK ?= work/demo
+DEMO_SYNTH ?= --N_SCANS=24 --N_LIDC_SCANS=0 --SEED=0 --IMAGE_SIZE=256 "--PIXEL_SPACING_MM=(1.1,1.8)"
+DEMO_PRE ?= --N_WORKERS=2
+DEMO_TABLE ?= --CROP=192 --CONTEXT_SLICES=3 --NEG_PER_SCAN=12
+DEMO_SPLIT ?= "--TEST_FOLDS=()" --VAL_FRACTION=0.15 --TEST_FRACTION=0.25
+DEMO_TRAIN ?= --VARIANT=figure3 --BATCH_SIZE=8 --EPOCHS=100 --STEPS_PER_EPOCH=40 --MAX_MINUTES=9 --LR=0.001 \
+              --BN_REESTIMATE_BATCHES=4 --VAL_MAX_BATCHES=8
+DEMO_POST ?= --SCANS=test "--SIZE_BINS=(5.0,10.0)" --MIN_COMPONENT_VOXELS=3
 
 .PHONY: test demo bench install clean
 install: $(VENV)/.installed
@@ -15,5 +28,23 @@ $(VENV)/.installed: requirements.txt
 test: install
 	$(PY) -m pytest -q tests
 
+# stage NAME SCRIPT ARGS-VARIABLE: run one stage with the preset in that variable, print its wall time
+define stage
+	@echo '== $(1): $(PY) $(2) --WORK_DIR=$(DEMO_WORK) $($(3))'
+	@start=$$(date +%s); $(PY) $(2) --WORK_DIR=$(DEMO_WORK) $($(3)) || exit $$?; \
+	  echo "== $(1) took $$(( $$(date +%s) - start )) s"; echo "$(1) $$(( $$(date +%s) - start ))" >> $(DEMO_WORK)/stage_times.txt
+endef
+
+demo: install
+	@mkdir -p $(DEMO_WORK) && rm -f $(DEMO_WORK)/stage_times.txt
+	$(call stage,0 synthetic cohort,synthetic_ct.py,DEMO_SYNTH)
+	$(call stage,1 preprocess,preprocess.py,DEMO_PRE)
+	$(call stage,2 table,table.py,DEMO_TABLE)
+	$(call stage,3 split,slice_idx.py,DEMO_SPLIT)
+	$(call stage,4 train,nasnet_v2_train.py,DEMO_TRAIN)
+	$(call stage,5 postprocess,postprocess.py,DEMO_POST)
+	@echo "stage times (s):"; cat $(DEMO_WORK)/stage_times.txt
+	@echo "report: $(DEMO_WORK)/6_report (metrics.json, nodules.csv, candidates.csv, froc.png, pictures/)"
+
 clean:
-	rm -rf work data/synthetic benchmarks/results
+	rm -rf work benchmarks/results

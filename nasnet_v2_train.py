@@ -59,7 +59,8 @@ RESUME = False                 # continue from OUT_DIR/last.keras and state.json
 SEED = 85                      # weights init, shuffling and augmentation (thesis split seed: 85)
 MIXED_PRECISION = False        # float16 compute on a GPU (ignored on the CPU)
 JIT_COMPILE = False            # XLA compilation of the training step (see benchmarks/bench_model.py)
-WORKERS = 2                    # processes computing batches (0 = in the training process)
+WORKERS = 2                    # threads computing batches (0 = in the training process)
+USE_MULTIPROCESSING = False    # processes instead of threads (each batch is then pickled back: slower here)
 LOG_EVERY = 0                  # print the loss every this many batches (0 = Keras's progress bar only)
 
 
@@ -181,7 +182,7 @@ def main(argv=None):
     if len(train_idx) < BATCH_SIZE or len(val_idx) == 0:
         raise SystemExit(f"{split_dir}: {len(train_idx)} training and {len(val_idx)} validation rows; "
                          f"need >= BATCH_SIZE ({BATCH_SIZE}) and >= 1")
-    workers = dict(workers=WORKERS, use_multiprocessing=WORKERS > 1) if WORKERS else {}
+    workers = dict(workers=WORKERS, use_multiprocessing=USE_MULTIPROCESSING) if WORKERS else {}
     train = SliceTableDataset(table_path, train_idx, batch_size=BATCH_SIZE, augment=AUGMENT, rot_deg=ROT_DEG,
                               zoom=ZOOM, shuffle=True, seed=SEED, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P,
                               **workers)
@@ -223,7 +224,8 @@ def main(argv=None):
         pass
     t0 = time.time()
     model.fit(train, epochs=EPOCHS, initial_epoch=initial_epoch, steps_per_epoch=STEPS_PER_EPOCH or None,
-              callbacks=callbacks, verbose=2 if LOG_EVERY == 0 else 0)
+              callbacks=callbacks, verbose=2 if LOG_EVERY == 0 else 0,
+              shuffle=False)          # the dataset orders its batches itself (seeded); Keras's shuffle is not
     print(f"trained in {time.time() - t0:.0f} s; best val dice {state.get('best_val_dice', 0):.3f} "
           f"(epoch {state.get('best_epoch', 0) + 1}) -> {os.path.join(folder, 'best.keras')}")
     return 0

@@ -47,6 +47,7 @@ MODEL = ""                      # saved Keras model to evaluate; "" = WORK_DIR/4
 MODEL_CONFIG = ""               # the training constants (CROP, CONTEXT_SLICES); "" = config.json beside MODEL
 SCANS = "test"                  # "test" (or another part of 3_split/split.json), or "all" stage-1 scans
 THRESHOLD = 0.5                 # a voxel is nodule when its probability is above this
+LUNG_GATE = True                # probability outside the stage-1 lung mask is set to 0 (the network's input is 0 there)
 BINARIZE = "threshold"          # or "kmeans": the thesis's per-slice 2-cluster K-means + erosion (reproduction only)
 KMEANS_EROSION = 3              # BINARIZE="kmeans": side in pixels of the square erosion element (0 = none)
 BATCH_SIZE = 8                  # slices per prediction call
@@ -761,7 +762,8 @@ def process_scan(path, predictor, pred_dir, book, mip_dir):
     out = os.path.join(pred_dir, f"{uid}.h5")
     key = json.dumps({**predictor.signature(), "threshold": THRESHOLD, "binarize": BINARIZE,
                       "kmeans_erosion": KMEANS_EROSION, "min_component_voxels": MIN_COMPONENT_VOXELS,
-                      "connectivity": CONNECTIVITY, "prob_dtype": PROB_DTYPE}, sort_keys=True)
+                      "connectivity": CONNECTIVITY, "prob_dtype": PROB_DTYPE, "lung_gate": LUNG_GATE},
+                     sort_keys=True)
     seconds, prob = None, None
     if not OVERWRITE and os.path.isfile(out):
         try:
@@ -773,6 +775,8 @@ def process_scan(path, predictor, pred_dir, book, mip_dir):
     if prob is None:
         t0, load0 = time.perf_counter(), predictor.load_seconds
         prob, box = predictor.predict(hu, lung, BATCH_SIZE)
+        if LUNG_GATE:
+            prob[lung == 0] = 0.0
         seconds = time.perf_counter() - t0 - (predictor.load_seconds - load0)
         prob = prob.astype(PROB_DTYPE).astype(np.float32)     # from here on exactly what /prob stores
         raw = binarize(prob, BINARIZE, THRESHOLD, KMEANS_EROSION, box)
@@ -808,6 +812,23 @@ def process_scan(path, predictor, pred_dir, book, mip_dir):
         write_mip(os.path.join(mip_dir, f"{uid}.png"), hu, prob, nod, comps, uid, spacing)
     res.pop("hits")
     return res, seconds
+
+
+def print_table(m):
+    """The metrics by nodule size as a plain-text table (what `make demo` ends with)."""
+    def f(v, pct=True):
+        return "  n/a" if v is None or not np.isfinite(v) else (f"{100 * v:5.1f}%" if pct else f"{v:5.3f}")
+    bins = m["size_bins_mm"]
+    print(f"{'diameter (mm)':>14} {'nodules':>8} {'found':>6} {'sensitivity':>12} {'nodule Dice':>12} "
+          f"{'thesis rule':>12} {'CPM':>6}")
+    for b in bins + ["all"]:
+        s = m["sensitivity"]["by_size"][b] if b != "all" else m["sensitivity"]
+        d = m["nodule_dice"]["by_size"][b] if b != "all" else m["nodule_dice"]["value"]
+        t = m["sensitivity_thesis_rule"]["by_size"][b] if b != "all" else m["sensitivity_thesis_rule"]["value"]
+        c = m["cpm"]["by_size"][b] if b != "all" else m["cpm"]["value"]
+        print(f"{b:>14} {s['total']:>8} {s['found']:>6} {f(s['value']):>12} {f(d):>12} {f(t):>12} {f(c, False):>6}")
+    print(f"false positives per scan {m['fp_per_scan']['value']:.2f}; slice Dice {f(m['slice_dice']['value'])} "
+          f"(pooled over all slices)")
 
 
 def main(argv=None):
@@ -900,6 +921,8 @@ def _run(cfg):
           f"nodule Dice {pct(m['nodule_dice']['value'])}, sensitivity {pct(m['sensitivity']['value'])} at "
           f"{m['fp_per_scan']['value']:.2f} FP/scan (thesis rule {pct(m['sensitivity_thesis_rule']['value'])}), "
           f"CPM {m['cpm']['value']:.3f} -> {report_dir}" if results else "no scan evaluated")
+    if results:
+        print_table(m)
     if failed:
         print(f"{len(failed)} scan(s) failed: " + "; ".join(os.path.basename(f["path"]) for f in failed))
         return 1

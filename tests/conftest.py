@@ -35,3 +35,31 @@ def _restore(module):
     """Put a stage module's constants back to the file's defaults after a main() call changed them."""
     import importlib
     importlib.reload(module)
+
+
+def run_stage(script, *args, work):
+    """Run a stage script as a user does (its own process); fail with its output if it fails."""
+    import subprocess
+    cmd = [sys.executable, os.path.join(ROOT, script), f"--WORK_DIR={work}", *args]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout + p.stderr
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory):
+    """The whole pipeline, stages 0-5, on a tiny cohort (6 scans of 128 px) with the real figure-3 network
+    at 96 px, one short epoch. Returns (work dir, {stage: output})."""
+    work = str(tmp_path_factory.mktemp("pipeline"))
+    out = {}
+    out["synthetic"] = run_stage("synthetic_ct.py", "--N_SCANS=6", "--N_LIDC_SCANS=0", "--SEED=5", "--IMAGE_SIZE=128",
+                                 "--N_SLICES=(30,40)", "--PIXEL_SPACING_MM=(2.4,2.8)", "--SLICE_SPACINGS_MM=(2.5,)",
+                                 "--SHAPE_LIBRARY_SCANS=4", "--NODULE_DIAMETER_MM=(8.0,25.0)", "--EMPTY_EVERY=0",
+                                 work=work)
+    out["preprocess"] = run_stage("preprocess.py", "--N_WORKERS=2", work=work)
+    out["table"] = run_stage("table.py", "--CROP=96", "--NEG_PER_SCAN=4", "--CONTEXT_SLICES=3", work=work)
+    out["split"] = run_stage("slice_idx.py", "--TEST_FOLDS=()", "--VAL_FRACTION=0.2", "--TEST_FRACTION=0.2", work=work)
+    out["train"] = run_stage("nasnet_v2_train.py", "--EPOCHS=1", "--STEPS_PER_EPOCH=3", "--BATCH_SIZE=4",
+                             "--BN_REESTIMATE_BATCHES=2", "--VAL_MAX_BATCHES=2", work=work)
+    out["postprocess"] = run_stage("postprocess.py", "--SCANS=test", "--N_PICTURES=2", work=work)
+    return work, out

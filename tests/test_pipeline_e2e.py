@@ -1,0 +1,41 @@
+"""The stages fit together: stages 0-5 run from the shell on a tiny cohort with the real network and
+every contract file of DESIGN.md is there, in the stated shapes and grids."""
+import json
+import os
+
+import numpy as np
+import tables
+
+import ct_io
+
+
+def test_every_stage_output_exists_and_fits(pipeline_run):
+    work, out = pipeline_run
+    pre = sorted(os.listdir(os.path.join(work, "1_preprocessed")))
+    assert len([p for p in pre if p.endswith(".h5")]) == 6 and "config.json" in pre
+    with tables.open_file(os.path.join(work, "2_table", "slices.h5")) as h5:
+        n = h5.root.data.shape[0]
+        assert h5.root.data.shape[1:] == (96, 96, 3) and h5.root.truth.shape == (n, 96, 96)
+        assert h5.root.slices.nrows == n and h5.root.data.filters.complib.startswith("blosc")
+    split = json.load(open(os.path.join(work, "3_split", "split.json")))
+    patients = {p: set(split[p]["patients"]) for p in ("train", "val", "test")}
+    assert not (patients["train"] & patients["test"] or patients["train"] & patients["val"]
+                or patients["val"] & patients["test"])
+    idx = {p: np.load(os.path.join(work, "3_split", f"{p}_idx.npy")) for p in ("train", "val", "test")}
+    assert sum(len(v) for v in idx.values()) == n and min(len(v) for v in idx.values()) > 0
+    model_dir = os.path.join(work, "4_model")
+    for f in ("best.keras", "last.keras", "history.csv", "config.json", "state.json"):
+        assert os.path.isfile(os.path.join(model_dir, f)), f
+    assert json.load(open(os.path.join(model_dir, "config.json")))["CONTEXT_SLICES"] == 3
+    preds = [p for p in os.listdir(os.path.join(work, "5_predictions")) if p.endswith(".h5")]
+    assert preds
+    for p in preds:
+        stage1 = ct_io.read_scan_h5(os.path.join(work, "1_preprocessed", p), arrays=("hu",))
+        with tables.open_file(os.path.join(work, "5_predictions", p)) as h5:
+            assert h5.root.prob.shape == h5.root.mask.shape == stage1["hu"].shape   # uncropped scan grid
+    report = os.path.join(work, "6_report")
+    for f in ("metrics.json", "nodules.csv", "candidates.csv", "froc.png"):
+        assert os.path.isfile(os.path.join(report, f)), f
+    m = json.load(open(os.path.join(report, "metrics.json")))
+    assert m["n_scans"] == len(preds) and 0.0 <= m["slice_dice"]["value"] <= 1.0 and "definition" in m["cpm"]
+    assert "sensitivity" in out["postprocess"]
