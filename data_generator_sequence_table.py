@@ -90,11 +90,13 @@ class SliceTableDataset(_PyDataset):
     Args: batch_size; augment (flips, rotation, zoom); flip; rot_deg; zoom; label_interp ("nearest",
     "threshold", "truncate"); shuffle (reshuffle every epoch); drop_last (drop the last partial batch: True
     for training); seed; crop (random crop side, 0 = whole slice) and crop_nodule_p; one_hot (y with 2
-    channels, else (B, H, W, 1) 0/1); workers, use_multiprocessing, max_queue_size (Keras PyDataset)."""
+    channels, else (B, H, W, 1) 0/1); max_batches (> 0: each epoch is the first max_batches batches of that
+    epoch's order, so short epochs still see every row over the epochs: Keras's own steps_per_epoch would
+    carry one iterator across epochs); workers, use_multiprocessing, max_queue_size (Keras PyDataset)."""
 
     def __init__(self, path, indexes, batch_size=12, augment=True, flip=True, rot_deg=6.0, zoom=0.0,
                  label_interp="nearest", shuffle=True, drop_last=True, seed=85, crop=0, crop_nodule_p=0.8,
-                 one_hot=True, **kwargs):
+                 one_hot=True, max_batches=0, **kwargs):
         if _PyDataset is not object:
             super().__init__(**kwargs)
         if label_interp not in ("nearest", "threshold", "truncate"):
@@ -114,6 +116,7 @@ class SliceTableDataset(_PyDataset):
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
         self.crop = int(crop) if crop and crop < min(self.height, self.width) else 0
         self.crop_nodule_p, self.one_hot = float(crop_nodule_p), one_hot
+        self.max_batches = int(max_batches)         # > 0: an epoch is the first max_batches batches of its order
         self._h5, self._pid = None, None
         self.set_epoch(0)
 
@@ -126,7 +129,8 @@ class SliceTableDataset(_PyDataset):
 
     def __len__(self):
         n = len(self.indexes)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        full = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return min(full, self.max_batches) if self.max_batches > 0 else full
 
     def set_epoch(self, epoch):
         """Use epoch ``epoch``'s order and augmentation (epochs count from 0)."""

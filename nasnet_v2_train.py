@@ -185,7 +185,7 @@ def main(argv=None):
     workers = dict(workers=WORKERS, use_multiprocessing=USE_MULTIPROCESSING) if WORKERS else {}
     train = SliceTableDataset(table_path, train_idx, batch_size=BATCH_SIZE, augment=AUGMENT, rot_deg=ROT_DEG,
                               zoom=ZOOM, shuffle=True, seed=SEED, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P,
-                              **workers)
+                              max_batches=STEPS_PER_EPOCH, **workers)
     train_bn = SliceTableDataset(table_path, train_idx, batch_size=BATCH_SIZE, augment=False, shuffle=True,
                                  seed=SEED + 1, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P)
     val = SliceTableDataset(table_path, val_idx, batch_size=BATCH_SIZE, augment=False, shuffle=False,
@@ -223,7 +223,7 @@ def main(argv=None):
     except ImportError:
         pass
     t0 = time.time()
-    model.fit(train, epochs=EPOCHS, initial_epoch=initial_epoch, steps_per_epoch=STEPS_PER_EPOCH or None,
+    model.fit(train, epochs=EPOCHS, initial_epoch=initial_epoch,
               callbacks=callbacks, verbose=2 if LOG_EVERY == 0 else 0,
               shuffle=False)          # the dataset orders its batches itself (seeded); Keras's shuffle is not
     print(f"trained in {time.time() - t0:.0f} s; best val dice {state.get('best_val_dice', 0):.3f} "
