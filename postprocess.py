@@ -66,6 +66,8 @@ LUNG_WINDOW = (-1000, 400)      # HU range shown in pictures
 UNKNOWN_DIAMETER_MM = 10.0      # LUNA16's script: an annotation with diameter < 0 counts as 10 mm
 
 DEFINITIONS = {
+    "nodule_dice_found": "per-nodule Dice (as nodule_dice) averaged over the nodules found at the threshold "
+                         "(LUNA16 hit rule) only: how well the found nodules are outlined.",
     "slice_dice": "2|P & T| / (|P| + |T|), pooled over every voxel of every slice of the evaluated scans; "
                   "P = the predicted mask (prob > THRESHOLD, components of >= MIN_COMPONENT_VOXELS), "
                   "T = the union of the truth nodule labels (excluded annotations are not labelled). "
@@ -331,12 +333,14 @@ def summarize(results, size_edges=None, rates=None):
         thesis = np.array([r["found_thesis_rule"] for r in rows], bool)
         dices = np.array([r["dice"] for r in rows], np.float64)
         labelled = dices[~np.isnan(dices)]
+        found_dices = dices[found & ~np.isnan(dices)]
         curve = froc([r["candidate_prob"] for r in rows], fp_probs, max(n_scans, 1), rates)
         return {"n_nodules": len(rows), "n_found": int(found.sum()),
                 "sensitivity": float(found.mean()) if len(rows) else float("nan"),
                 "sensitivity_thesis_rule": float(thesis.mean()) if len(rows) else float("nan"),
                 "nodule_dice": float(labelled.mean()) if len(labelled) else float("nan"),
                 "n_labelled": int(len(labelled)),
+                "nodule_dice_found": float(found_dices.mean()) if len(found_dices) else float("nan"),
                 "froc_sensitivities": [float(s) for s in curve["sensitivities"]], "cpm": curve["cpm"],
                 "_curve": curve}
 
@@ -355,6 +359,9 @@ def summarize(results, size_edges=None, rates=None):
         "slice_dice_nodule_slices": {"value": dice(*pooled_ns), "definition": D["slice_dice_nodule_slices"]},
         "nodule_dice": {"value": overall["nodule_dice"], "n_nodules": overall["n_labelled"],
                         "by_size": {k: v["nodule_dice"] for k, v in by_size.items()}, "definition": D["nodule_dice"]},
+        "nodule_dice_found": {"value": overall["nodule_dice_found"],
+                              "by_size": {k: v["nodule_dice_found"] for k, v in by_size.items()},
+                              "definition": D["nodule_dice_found"]},
         "sensitivity": {"value": overall["sensitivity"], "found": overall["n_found"], "total": overall["n_nodules"],
                         "by_size": {k: {"value": v["sensitivity"], "found": v["n_found"], "total": v["n_nodules"]}
                                     for k, v in by_size.items()}, "definition": D["sensitivity"]},
@@ -820,13 +827,15 @@ def print_table(m):
         return "  n/a" if v is None or not np.isfinite(v) else (f"{100 * v:5.1f}%" if pct else f"{v:5.3f}")
     bins = m["size_bins_mm"]
     print(f"{'diameter (mm)':>14} {'nodules':>8} {'found':>6} {'sensitivity':>12} {'nodule Dice':>12} "
-          f"{'thesis rule':>12} {'CPM':>6}")
+          f"{'Dice found':>11} {'thesis rule':>12} {'CPM':>6}")
     for b in bins + ["all"]:
         s = m["sensitivity"]["by_size"][b] if b != "all" else m["sensitivity"]
         d = m["nodule_dice"]["by_size"][b] if b != "all" else m["nodule_dice"]["value"]
         t = m["sensitivity_thesis_rule"]["by_size"][b] if b != "all" else m["sensitivity_thesis_rule"]["value"]
         c = m["cpm"]["by_size"][b] if b != "all" else m["cpm"]["value"]
-        print(f"{b:>14} {s['total']:>8} {s['found']:>6} {f(s['value']):>12} {f(d):>12} {f(t):>12} {f(c, False):>6}")
+        g = m["nodule_dice_found"]["by_size"][b] if b != "all" else m["nodule_dice_found"]["value"]
+        print(f"{b:>14} {s['total']:>8} {s['found']:>6} {f(s['value']):>12} {f(d):>12} {f(g):>11} {f(t):>12} "
+              f"{f(c, False):>6}")
     print(f"false positives per scan {m['fp_per_scan']['value']:.2f}; slice Dice {f(m['slice_dice']['value'])} "
           f"(pooled over all slices)")
 
