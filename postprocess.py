@@ -44,6 +44,8 @@ from configurator import configure, constants, save_config
 # ----------------------------------------------------------------------------- settings
 WORK_DIR = "work"               # root of a run; every stage's folder is below it
 MODEL = ""                      # saved Keras model to evaluate; "" = WORK_DIR/4_model/best.keras
+PRED_DIR = ""                   # "" = WORK_DIR/5_predictions
+REPORT_DIR = ""                 # "" = WORK_DIR/6_report
 MODEL_CONFIG = ""               # the training constants (CROP, CONTEXT_SLICES); "" = config.json beside MODEL
 SCANS = "test"                  # "test" (or another part of 3_split/split.json), or "all" stage-1 scans
 THRESHOLD = 0.5                 # a voxel is nodule when its probability is above this
@@ -859,8 +861,8 @@ def _run(cfg):
     model_path = MODEL or os.path.join(WORK_DIR, "4_model", "best.keras")
     if not os.path.isfile(model_path):
         raise SystemExit(f"{model_path}: model not found (train one with nasnet_v2_train.py, or give --MODEL=)")
-    pred_dir = os.path.join(WORK_DIR, "5_predictions")
-    report_dir = os.path.join(WORK_DIR, "6_report")
+    pred_dir = PRED_DIR or os.path.join(WORK_DIR, "5_predictions")
+    report_dir = REPORT_DIR or os.path.join(WORK_DIR, "6_report")
     pic_dir, mip_dir = os.path.join(report_dir, "pictures"), os.path.join(report_dir, "pictures", "mip")
     for d in (pred_dir, report_dir, pic_dir, mip_dir):
         os.makedirs(d, exist_ok=True)
