@@ -15,8 +15,11 @@ DEMO_SPLIT ?= "--TEST_FOLDS=()" --VAL_FRACTION=0.15 --TEST_FRACTION=0.25
 DEMO_TRAIN ?= --VARIANT=figure3 --BATCH_SIZE=8 --EPOCHS=100 --STEPS_PER_EPOCH=40 --MAX_MINUTES=9 --LR=0.001 \
               --BN_REESTIMATE_BATCHES=4 --VAL_MAX_BATCHES=8
 DEMO_POST ?= --SCANS=test "--SIZE_BINS=(5.0,10.0)" --MIN_COMPONENT_VOXELS=3
+DEMO_BASELINE_TRAIN ?= $(DEMO_TRAIN) --VARIANT=unet --OUT_DIR=$(DEMO_WORK)/4_model_unet
+DEMO_BASELINE_POST ?= $(DEMO_POST) --MODEL=$(DEMO_WORK)/4_model_unet/best.keras \
+                      --PRED_DIR=$(DEMO_WORK)/5_predictions_unet --REPORT_DIR=$(DEMO_WORK)/6_report_unet
 
-.PHONY: test demo bench install clean
+.PHONY: test demo demo-baseline train-long bench install clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -45,6 +48,22 @@ demo: install
 	$(call stage,5 postprocess,postprocess.py,DEMO_POST)
 	@echo "stage times (s):"; cat $(DEMO_WORK)/stage_times.txt
 	@echo "report: $(DEMO_WORK)/6_report (metrics.json, nodules.csv, candidates.csv, froc.png, pictures/)"
+
+# The U-Net baseline on the demo's data, same time budget, its own model and report folders.
+demo-baseline: install
+	$(call stage,4 train U-Net baseline,nasnet_v2_train.py,DEMO_BASELINE_TRAIN)
+	$(call stage,5 postprocess U-Net baseline,postprocess.py,DEMO_BASELINE_POST)
+
+# The long preset: 4x the demo's cohort (the demo's 24 scans are the first 24 of it: same SEED), about
+# 2 hours of training on this CPU.
+LONG_WORK ?= work/long
+train-long: install
+	@mkdir -p $(LONG_WORK)
+	$(MAKE) demo DEMO_WORK=$(LONG_WORK) DEMO_SYNTH='$(DEMO_SYNTH) --N_SCANS=96' \
+	  DEMO_TRAIN='$(DEMO_TRAIN) --MAX_MINUTES=110 --REDUCE_LR_PATIENCE=6'
+
+bench: install
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf work benchmarks/results

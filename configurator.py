@@ -45,10 +45,18 @@ def _parse(name, text, default):
     return value
 
 
+_DEFAULTS = {}   # id(namespace) -> the constants as the file defines them (captured at the first call)
+
+
 def configure(namespace, argv=None):
-    """Apply ``--NAME=value`` overrides to ``namespace`` (a script's globals()); return the effective constants."""
+    """Apply ``--NAME=value`` overrides to ``namespace`` (a script's globals()); return the effective constants.
+
+    Every call starts from the file's own values, so calling a script's main() twice in one process (tests,
+    notebooks) never carries the first call's overrides into the second."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    known = constants(namespace)
+    defaults = _DEFAULTS.setdefault(id(namespace), dict(constants(namespace)))
+    namespace.update(defaults)
+    known = dict(defaults)
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"argument {arg!r}: expected --NAME=value (NAME one of: {', '.join(known)})")

@@ -27,14 +27,7 @@ def cohort(tmp_path_factory):
                             "--N_WORKERS=2"]) == 0
     assert preprocess.main(["--DATASET=lidc", f"--INPUT_DIR={data}/lidc", f"--WORK_DIR={lidc}",
                             "--N_WORKERS=1", "--LABELS=consensus"]) == 0
-    _restore(preprocess)
     return dict(data=data, luna=luna, lidc=lidc, index=index)
-
-
-def _restore(module):
-    """Put a stage module's constants back to the file's defaults after a main() call changed them."""
-    import importlib
-    importlib.reload(module)
 
 
 def run_stage(script, *args, work):

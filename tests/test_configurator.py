@@ -31,3 +31,10 @@ def test_overrides_are_typed_and_saved(tmp_path):
 def test_bad_arguments_refused(arg, message):
     with pytest.raises(SystemExit, match=message):
         configurator.configure(namespace(), [arg])
+
+
+def test_each_call_starts_from_the_file_defaults():
+    ns = namespace()
+    configurator.configure(ns, ["--N_WORKERS=7", "--LR=0.5"])
+    cfg = configurator.configure(ns, ["--LR=0.25"])
+    assert ns["N_WORKERS"] == 2 and cfg["N_WORKERS"] == 2 and ns["LR"] == 0.25

@@ -1,0 +1,88 @@
+"""Inference seconds per scan and peak memory of postprocess.py's predictor (the network over every slice of a
+512x512 scan at the thesis's 400x400 crop), for the figure-3 network (random weights: speed does not depend
+on them) and optionally the U-Net.
+
+Writes a synthetic 512 x 512 phantom (synthetic_ct.py) through stage 1 in a scratch folder, saves an
+untrained model per variant, and times postprocess.Predictor.predict on the scan in a fresh process each
+(so peak RSS is that of one inference process). Writes benchmarks/results/bench_inference.json.
+
+    python benchmarks/bench_inference.py [--VARIANTS=('figure3',) --N_SLICES=130]
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+VARIANTS = ("figure3",)        # networks timed
+N_SLICES = 130                 # slices of the benchmark scan (512 x 512 each)
+BATCH_SIZE = 8                 # slices per prediction call (postprocess.py's default)
+OUT_DIR = os.path.join(ROOT, "benchmarks", "results")   # where bench_inference.json goes
+
+
+def _child(work, model_path):
+    """Time one scan's prediction in this (fresh) process; print a RESULT line."""
+    import resource
+    import glob
+    import postprocess
+    import ct_io
+    path = sorted(glob.glob(os.path.join(work, "1_preprocessed", "*.h5")))[0]
+    scan = ct_io.read_scan_h5(path, arrays=("hu", "lung_mask"))
+    predictor = postprocess.Predictor(model_path)
+    t0 = time.perf_counter()
+    predictor.model_for(postprocess_box(scan["hu"].shape))
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    prob, _ = predictor.predict(scan["hu"], scan["lung_mask"], BATCH_SIZE)
+    first_s = time.perf_counter() - t0                       # includes tracing the predict function once
+    t0 = time.perf_counter()
+    predictor.predict(scan["hu"], scan["lung_mask"], BATCH_SIZE)
+    second_s = time.perf_counter() - t0
+    print("RESULT " + json.dumps({"load_s": load_s, "first_scan_s": first_s, "scan_s": second_s,
+                                  "s_per_slice": second_s / scan["hu"].shape[0], "shape": list(scan["hu"].shape),
+                                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def postprocess_box(shape):
+    import table
+    _, _, h, w = table.crop_box(shape, 0)
+    return (h, w)
+
+
+def main(argv=None):
+    import configurator
+    cfg = configurator.configure(globals(), argv)
+    os.makedirs(OUT_DIR, exist_ok=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as work:
+        import synthetic_ct
+        import preprocess
+        data = os.path.join(work, "data")
+        synthetic_ct.generate_cohort(data, N_SCANS=1, N_LIDC_SCANS=0, SEED=1, N_SLICES=(N_SLICES, N_SLICES))
+        preprocess.main(["--DATASET=luna16", f"--INPUT_DIR={data}/luna16", f"--WORK_DIR={work}", "--N_WORKERS=1"])
+        for variant in VARIANTS:
+            model_path = os.path.join(work, f"{variant}.keras")
+            build = (f"import sys; sys.path.insert(0, {ROOT!r}); import nasnet_v2 as n; "
+                     f"n.get_model((400, 400, 1), variant={variant!r}).save({model_path!r})")
+            subprocess.run([sys.executable, "-c", build], check=True)
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", work, model_path],
+                               capture_output=True, text=True)
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            results[variant] = json.loads(line[-1][7:]) if line else {"error": (p.stderr or p.stdout)[-500:]}
+            print(variant, json.dumps(results[variant]))
+    doc = {"machine": f"{os.cpu_count()} cores", "config": cfg, "results": results}
+    with open(os.path.join(OUT_DIR, "bench_inference.json"), "w") as f:
+        json.dump(doc, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        _child(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(main())
