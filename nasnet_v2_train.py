@@ -49,6 +49,7 @@ MAX_MINUTES = 0.0              # stop after the epoch that passes this much trai
 AUGMENT = True                 # flips + rotation (thesis)
 ROT_DEG = 6.0                  # rotation uniform in +-ROT_DEG degrees (thesis: 6)
 ZOOM = 0.0                     # zoom uniform in [1 - ZOOM, 1 + ZOOM] (thesis: none)
+LABEL_INTERP = "nearest"       # rotated labels: "nearest", "threshold" (bilinear >= 0.5), "truncate" (thesis bug)
 TRAIN_CROP = 0                 # train on random crops of this side (px, multiple of 32); 0 = whole slices (thesis)
 CROP_NODULE_P = 0.8            # share of training crops placed on a nodule
 BN_MOMENTUM = 0.99             # momentum of every BN layer (Keras's NASNetMobile: 0.9997); 0 = keep Keras's
@@ -184,7 +185,7 @@ def main(argv=None):
                          f"need >= BATCH_SIZE ({BATCH_SIZE}) and >= 1")
     workers = dict(workers=WORKERS, use_multiprocessing=USE_MULTIPROCESSING) if WORKERS else {}
     train = SliceTableDataset(table_path, train_idx, batch_size=BATCH_SIZE, augment=AUGMENT, rot_deg=ROT_DEG,
-                              zoom=ZOOM, shuffle=True, seed=SEED, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P,
+                              zoom=ZOOM, label_interp=LABEL_INTERP, shuffle=True, seed=SEED, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P,
                               max_batches=STEPS_PER_EPOCH, **workers)
     train_bn = SliceTableDataset(table_path, train_idx, batch_size=BATCH_SIZE, augment=False, shuffle=True,
                                  seed=SEED + 1, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P)

@@ -48,6 +48,8 @@ LABELS = "wand"                # "wand" (magic wand, thesis bugs fixed), "consen
 THREE_SLICE_LABELS = False     # True = thesis rule: label only slices c-1, c, c+1 around each nodule center
 MIN_DIAMETER_MM = 0.0          # label only nodules larger than this (thesis: 5.0); smaller ones are listed, not drawn
 WAND_HU_FLOOR = -500           # wand labels: voxels below this HU are removed (thesis: -500)
+WAND_ADAPTIVE_FLOOR = True     # lower that floor to midway between nodule and lung for faint nodules (thesis: False)
+WAND_THESIS_RADIUS = False     # True = the thesis's bug: max radius = diameter in mm + 2, used as pixels
 MIN_READERS = 3                # LIDC: nodules marked by fewer readers are listed as excluded (LUNA16 rule)
 CONSENSUS_LEVEL = 0.5          # LIDC: pylidc consensus agreement level for "consensus" labels
 MIN_NODULE_MM = 3.0            # LIDC: clusters below this diameter are listed as excluded (LUNA16 rule)
@@ -325,7 +327,8 @@ def label_nodules(scan, found):
         if draw:
             if method == "wand":
                 box, where = wand_nodule_box(scan.hu, center, nod["diameter"], spacing_zyx,
-                                             three_slice=THREE_SLICE_LABELS, hu_floor=WAND_HU_FLOOR)
+                                             three_slice=THREE_SLICE_LABELS, hu_floor=WAND_HU_FLOOR,
+                                             adaptive_floor=WAND_ADAPTIVE_FLOOR, thesis_radius=WAND_THESIS_RADIUS)
             elif method == "consensus":
                 box, (z0, y0, x0) = nod["consensus"]
                 where = (slice(z0, z0 + box.shape[0]), slice(y0, y0 + box.shape[1]), slice(x0, x0 + box.shape[2]))
