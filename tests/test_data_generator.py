@@ -179,3 +179,20 @@ def test_context_channels(table_path, tmp_path):
     ds = SliceTableDataset(str(tmp_path / "slices.h5"), np.arange(8), batch_size=4)
     x, y = ds[1]
     assert ds.image_shape == (100, 100, 3) and x.shape == (4, 100, 100, 3) and y.shape == (4, 100, 100, 2)
+
+
+def test_short_epochs_take_the_start_of_each_epochs_order(table_path):
+    """max_batches: an epoch is the first batches of that epoch's permutation (Keras's steps_per_epoch would
+    carry one iterator across epochs and run dry); over epochs the rows are still all used."""
+    import tables
+    with tables.open_file(table_path) as h5:
+        n = h5.root.data.shape[0]
+    ds = SliceTableDataset(table_path, np.arange(n), batch_size=2, augment=False, max_batches=3, seed=4)
+    assert len(ds) == 3 and len(SliceTableDataset(table_path, np.arange(n), batch_size=2)) == n // 2 > 3
+    seen, firsts = set(), []
+    for epoch in range(40):
+        ds.set_epoch(epoch)
+        firsts.append(tuple(ds.batch_rows(0)))
+        for b in range(len(ds)):
+            seen.update(int(r) for r in ds.batch_rows(b))
+    assert len(set(firsts)) > 1 and len(seen) >= 0.9 * n
