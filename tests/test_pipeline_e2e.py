@@ -39,3 +39,25 @@ def test_every_stage_output_exists_and_fits(pipeline_run):
     m = json.load(open(os.path.join(report, "metrics.json")))
     assert m["n_scans"] == len(preds) and 0.0 <= m["slice_dice"]["value"] <= 1.0 and "definition" in m["cpm"]
     assert "sensitivity" in out["postprocess"]
+
+
+def test_resume_continues_from_last_checkpoint(pipeline_run, tmp_path):
+    """--RESUME=1 on a copy of the run: training goes on at epoch 2 from last.keras (optimiser state included),
+    history.csv gains one row, state.json counts the epochs."""
+    import csv
+    import shutil
+    from conftest import run_stage
+    work, _ = pipeline_run
+    copy = str(tmp_path / "run")
+    for part in ("2_table", "3_split", "4_model"):
+        shutil.copytree(os.path.join(work, part), os.path.join(copy, part))
+    before = json.load(open(os.path.join(copy, "4_model", "state.json")))
+    assert before["epoch"] == 0
+    out = run_stage("nasnet_v2_train.py", "--RESUME=1", "--EPOCHS=2", "--STEPS_PER_EPOCH=2", "--BATCH_SIZE=4",
+                    "--BN_REESTIMATE_BATCHES=1", "--VAL_MAX_BATCHES=1", work=copy)
+    assert "resuming from" in out and "epoch 2:" in out
+    after = json.load(open(os.path.join(copy, "4_model", "state.json")))
+    assert after["epoch"] == 1 and after["best_val_dice"] >= before["best_val_dice"]
+    rows = list(csv.DictReader(open(os.path.join(copy, "4_model", "history.csv"))))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert "nothing to do" in run_stage("nasnet_v2_train.py", "--RESUME=1", "--EPOCHS=2", work=copy)
