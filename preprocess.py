@@ -65,6 +65,11 @@ AIRWAY_MAX_AREA_MM2 = 700.0    # largest cross-section of trachea / main bronchu
 MIN_LUNG_FRACTION = 0.2        # 3-D air components smaller than this share of the largest one are not lung
 CLOSING_MM = 6.0               # closing radius at the pleura (keeps nodules touching the wall inside)
 MAX_HOLE_MM2 = 1500.0          # holes inside the lungs up to this area are filled (vessels, nodules)
+MAX_DENT_MM2 = 1000.0          # dents of a lung's outline (convex hull minus lung, per slice) up to this area are
+                               # filled: nodules on the pleura too large for the closing (a 35 mm disc: 962 mm2)
+MIN_DENT_LUNG_MM2 = 100.0      # lung regions of a slice smaller than this are not given dents
+DENT_COMPACTNESS = 10.0        # a dent is filled only if its area <= this x (its inscribed radius)^2: a blob
+                               # (half disc 6.3, a cap of half the radius 9.8), not a sliver along ribs or heart
 
 log = logging.getLogger("preprocess")
 
@@ -231,7 +236,8 @@ def lung_mask_refined(hu, spacing_zyx):
     but as dense as lung is kept: a small field of view can cut through the lungs); the 3-D components that
     are lungs (>= MIN_LUNG_FRACTION of the largest: drops stomach and bowel gas); small, nearly pure-air
     regions of a slice (trachea, main bronchi) removed; a closing of CLOSING_MM at the pleura; holes
-    (vessels, nodules) up to MAX_HOLE_MM2 filled."""
+    (vessels, nodules) up to MAX_HOLE_MM2 filled; dents of each lung's outline up to MAX_DENT_MM2 filled
+    (larger nodules on the pleura)."""
     import cv2
     sz, sy, sx = spacing_zyx
     px_area = sy * sx
@@ -257,7 +263,44 @@ def lung_mask_refined(hu, spacing_zyx):
     m8 = mask.view(np.uint8)
     for k in range(mask.shape[0]):
         out[k] = cv2.morphologyEx(m8[k], cv2.MORPH_CLOSE, kernel)
-    return _fill_small_holes(out.astype(bool), MAX_HOLE_MM2 / px_area).astype(np.uint8)
+    out = _fill_small_holes(out.astype(bool), MAX_HOLE_MM2 / px_area)
+    return _fill_small_dents(out, MAX_DENT_MM2 / px_area, MIN_DENT_LUNG_MM2 / px_area).astype(np.uint8)
+
+
+def _fill_small_dents(mask, max_area_px, min_region_px):
+    """Fill, slice by slice, the dents of ``mask`` (Z, Y, X bool): the connected parts of the convex hull of
+    the slice's lungs (both together) outside the mask whose area is at most ``max_area_px`` and which are
+    blobs, not slivers (DENT_COMPACTNESS). A nodule on the pleura is a dent of the lung's outline that a
+    closing of CLOSING_MM cannot fill when it is larger than the closing's disc; with one hull around both
+    lungs, the mediastinum, heart and spine form one large region that stays out."""
+    import cv2
+    out = mask.copy()
+    for z in range(mask.shape[0]):
+        lab, n = ndi.label(mask[z])
+        if n == 0:
+            continue
+        area = np.bincount(lab.ravel(), minlength=n + 1)
+        big = area >= min_region_px
+        big[0] = False
+        if not big.any():
+            continue
+        lungs = big[lab]
+        ys, xs = np.nonzero(lungs)
+        sl = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+        crop = np.ascontiguousarray(lungs[sl], dtype=np.uint8)
+        contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        hull = np.zeros_like(crop)
+        cv2.fillPoly(hull, [cv2.convexHull(np.concatenate(contours))], 1)
+        dent = hull.astype(bool) & ~mask[z][sl]
+        dlab, dn = ndi.label(dent)
+        if dn == 0:
+            continue
+        darea = np.bincount(dlab.ravel(), minlength=dn + 1)
+        inner = ndi.maximum(ndi.distance_transform_edt(dent), dlab, np.arange(dn + 1))
+        keep = (darea <= max_area_px) & (darea <= DENT_COMPACTNESS * np.asarray(inner) ** 2)
+        keep[0] = False
+        out[z][sl] |= keep[dlab]
+    return out
 
 
 def _canonical_flips(direction):

@@ -12,6 +12,7 @@ counts, what the leakage guard removed; and ``OUT_DIR/config.json``.
 How patients are split:
 - LUNA16 tables (source paths in ``subsetK`` folders, the official 10 folds) with TEST_FOLDS non-empty: the
   test part is the scans of those folds; validation is VAL_FRACTION of the other patients, drawn with SEED.
+- TEST_FROM=<another run's split.json>: its test patients are the test part (two runs, one test set).
 - Otherwise (LIDC, or TEST_FOLDS=()): patients are shuffled with SEED; TEST_FRACTION and VAL_FRACTION of them
   go to test and validation (STRATIFY: patients with and without nodule slices are split separately, so
   each part gets nodules), the rest to training.
@@ -45,6 +46,7 @@ TEST_FRACTION = 0.1            # share of patients in test (random split only)
 SEED = 85                      # seed of the patient shuffle (the thesis's slice shuffle used 85)
 STRATIFY = True                # split patients with and without nodule slices separately
 TEST_FOLDS = (9,)              # LUNA16 subset folds forming the test part; () = random patient split
+TEST_FROM = ""                 # a split.json whose test patients are this split's test part ("" = off)
 TEST_LUNA16_DIR = ""           # leakage guard: LUNA16 folder, CSV (seriesuid column) or UID list; "" = off
 GUARD_BY_PATIENT = True        # guard: also remove the other series of a guarded series' patient
 
@@ -109,10 +111,11 @@ def split_patients(patients, has_nodule, val_fraction, test_fraction, seed, stra
 
 
 def make_split(slices, val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, seed=SEED, stratify=STRATIFY,
-               test_folds=TEST_FOLDS, guard=None, guard_by_patient=GUARD_BY_PATIENT):
+               test_folds=TEST_FOLDS, guard=None, guard_by_patient=GUARD_BY_PATIENT, test_patients=None):
     """The split of a table's ``/slices`` rows (structured array) -> (idx dict part -> int64 rows, info dict).
 
-    ``guard``: set of SeriesInstanceUIDs to remove from train and val (None = no guard)."""
+    ``guard``: set of SeriesInstanceUIDs to remove from train and val (None = no guard). ``test_patients``:
+    patients fixed in the test part (another run's test part, TEST_FROM), before TEST_FOLDS."""
     pid = np.char.decode(slices["patient_id"].astype("S"), "utf-8") if len(slices) else np.array([], str)
     uid = np.char.decode(slices["seriesuid"].astype("S"), "utf-8") if len(slices) else np.array([], str)
     subset = slices["subset"].astype(int) if len(slices) else np.array([], int)
@@ -120,9 +123,16 @@ def make_split(slices, val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, s
     for p in pid[slices["n_nodule_pixels"] > 0]:
         has_nodule[p] = True
     folds = sorted({int(s) for s in subset if s >= 0})
-    fold_test = sorted(set(pid[np.isin(subset, list(test_folds))])) if test_folds else []
-    mode = "folds" if fold_test else "random"
-    if test_folds and not fold_test:
+    if test_patients is not None:
+        fold_test = sorted(set(pid) & set(test_patients))
+        missing = sorted(set(test_patients) - set(pid))
+        if missing:
+            print(f"TEST_FROM: {len(missing)} of its {len(set(test_patients))} test patients are not in this table")
+        mode = "fixed" if fold_test else "random"
+    else:
+        fold_test = sorted(set(pid[np.isin(subset, list(test_folds))])) if test_folds else []
+        mode = "folds" if fold_test else "random"
+    if test_folds and not fold_test and test_patients is None:
         print(f"TEST_FOLDS={tuple(test_folds)}: no scan of the table is in these LUNA16 folds (folds present: "
               f"{folds or 'none'}); random patient split instead")
     parts = split_patients(sorted(has_nodule), has_nodule, val_fraction, test_fraction, seed, stratify, fold_test)
@@ -131,6 +141,8 @@ def make_split(slices, val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, s
     info = dict(mode=mode, seed=seed, val_fraction=val_fraction,
                 test_fraction=test_fraction if mode == "random" else None,
                 test_folds=list(test_folds) if mode == "folds" else [], folds_in_table=folds, stratify=stratify)
+    if mode == "fixed":
+        info["test_patients_fixed"] = fold_test
     keep = np.ones(len(slices), bool)
     if guard is not None:
         hit_series = set(uid) & set(guard)
@@ -179,8 +191,10 @@ def main(argv=None):
         print(f"{path}: the table has no rows", file=sys.stderr)
         return 2
     guard = guard_series(TEST_LUNA16_DIR, TEST_FOLDS) if TEST_LUNA16_DIR else None
+    test_patients = json.load(open(TEST_FROM))["test"]["patients"] if TEST_FROM else None
     idx, info = make_split(slices, VAL_FRACTION, TEST_FRACTION, SEED, STRATIFY, tuple(TEST_FOLDS), guard,
-                           GUARD_BY_PATIENT)
+                           GUARD_BY_PATIENT, test_patients)
+    info["test_from"] = os.path.abspath(TEST_FROM) if TEST_FROM else None
     info["table"] = os.path.abspath(path)
     info["guard_source"] = TEST_LUNA16_DIR or None
     os.makedirs(out_dir, exist_ok=True)

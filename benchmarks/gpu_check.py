@@ -32,6 +32,7 @@ WARMUP = 3                 # untimed steps after the first
 MODES = (("float32", 0, 1), ("mixed_float16", 0, 1), ("mixed_float16", 1, 1))
 TIME_BUDGET_S = 230        # all modes together, seconds
 MIN_LEFT_S = 60            # do not start a mode with less time left than this
+MODE_MAX_S = 0             # at most this many seconds per mode (0 = whatever is left of the budget)
 
 
 def worker(policy, jit, grappler):
@@ -113,7 +114,7 @@ def main(argv=None):
         try:
             res = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", policy, str(int(jit)),
                                   str(int(grappler)), json.dumps(cfg)],
-                                 capture_output=True, text=True, timeout=left, env=env)
+                                 capture_output=True, text=True, timeout=min(left, MODE_MAX_S or left), env=env)
             lines = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
             if lines:
                 r = json.loads(lines[-1][7:])
@@ -122,7 +123,7 @@ def main(argv=None):
                      "error": ((res.stderr or res.stdout).strip().splitlines() or ["no output"])[-1][:400]}
         except subprocess.TimeoutExpired:
             r = {"policy": policy, "jit_compile": bool(jit), "grappler": bool(grappler),
-                 "error": f"timed out after {left:.0f} s"}
+                 "error": f"timed out after {min(left, MODE_MAX_S or left):.0f} s"}
         results.append(r)
         print(json.dumps(r), flush=True)
     doc = {"config": cfg, "results": results, "total_s": round(time.perf_counter() - t_start, 1)}

@@ -223,6 +223,12 @@ def test_split_by_patient_random_and_folds():
     assert set(slices["subset"][idx["test"]]) == {8, 9} and len(idx["test"]) == 10 * 4
     assert 8 not in set(slices["subset"][idx["train"]]) | set(slices["subset"][idx["val"]])
     assert len(info["val"]["patients"]) == 8                                          # 20 % of the 40 others
+    # TEST_FROM: another run's test patients are the test part, whatever the folds say
+    fixed = ["1.3.3", "1.3.17", "1.3.99"]                                            # 1.3.99 is not in this table
+    idx, info = slice_idx.make_split(slices, 0.2, 0.5, seed=0, test_folds=(8, 9), test_patients=fixed)
+    assert info["mode"] == "fixed" and set(slices["patient_id"][idx["test"]]) == {b"1.3.3", b"1.3.17"}
+    pats = _parts_of(idx, slices, "patient_id")
+    assert not ({b"1.3.3", b"1.3.17"} & (pats["train"] | pats["val"])) and len(pats["train"] | pats["val"]) == 48
 
 
 def test_leakage_guard_removes_exactly_the_luna16_test_series(tmp_path):
