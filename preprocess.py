@@ -297,7 +297,8 @@ def _fill_small_dents(mask, max_area_px, min_region_px):
             continue
         darea = np.bincount(dlab.ravel(), minlength=dn + 1)
         inner = ndi.maximum(ndi.distance_transform_edt(dent), dlab, np.arange(dn + 1))
-        keep = (darea <= max_area_px) & (darea <= DENT_COMPACTNESS * np.asarray(inner) ** 2)
+        inner = np.asarray(inner)                 # inscribed radius (px); < 2: pixel steps of the outline
+        keep = (darea <= max_area_px) & (darea <= DENT_COMPACTNESS * inner ** 2) & (inner >= 2)
         keep[0] = False
         out[z][sl] |= keep[dlab]
     return out

@@ -27,9 +27,9 @@ OUT_DIR = os.path.join(ROOT, "benchmarks", "results")   # where bench_inference.
 
 def _child(work, model_path):
     """Time one scan's prediction in this (fresh) process; print a RESULT line."""
-    import resource
     import glob
     import postprocess
+    from bench_preprocess import peak_mb      # VmHWM: this process's own peak, not its parent's
     import ct_io
     path = sorted(glob.glob(os.path.join(work, "1_preprocessed", "*.h5")))[0]
     scan = ct_io.read_scan_h5(path, arrays=("hu", "lung_mask"))
@@ -45,7 +45,7 @@ def _child(work, model_path):
     second_s = time.perf_counter() - t0
     print("RESULT " + json.dumps({"load_s": load_s, "first_scan_s": first_s, "scan_s": second_s,
                                   "s_per_slice": second_s / scan["hu"].shape[0], "shape": list(scan["hu"].shape),
-                                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                                  "peak_rss_mb": peak_mb()}))
 
 
 def postprocess_box(shape):

@@ -53,8 +53,17 @@ def score_scan(stage1, truth, lung_mask=None):
     return out
 
 
-def _run_variant(args):
+def peak_mb():
+    """This process's peak resident memory (MB) since its exec: /proc's VmHWM. (getrusage's ru_maxrss of a
+    spawned worker starts at its parent's size at fork time, so it would report the parent's.)"""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_variant(args):
     import ct_io
     import preprocess
     path, variant, n_ref = args
@@ -74,7 +83,7 @@ def _run_variant(args):
         mask = preprocess.lung_mask(scan.hu, scan.spacing, scan.direction, variant)
         secs = time.process_time() - t0
         zs = list(range(mask.shape[0]))
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_mb()
     return (dict(variant=variant, seconds=secs, peak_mb=peak_mb, shape=list(scan.hu.shape), slices=[int(z) for z in zs]),
             np.packbits(mask))
 

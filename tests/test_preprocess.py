@@ -167,3 +167,24 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path, capsys):
     assert any("2.dcm" in ln and "unreadable pixel data" in ln for ln in failed)
     assert any("corrupt DICOM" in ln and "3.dcm" in ln for ln in failed)
     assert any("not a CT series" in ln for ln in failed)
+
+
+def test_refined_mask_fills_a_large_wall_nodule_dent_but_not_the_mediastinum():
+    """A 24 mm nodule on the lateral pleura is a dent in the lung's outline that the 6 mm closing cannot fill;
+    the dent fill puts it back inside the mask, while the mediastinum between the lungs, the heart's wide
+    impression and thin slivers along the ribs stay out (1 mm pixels, 5 identical slices)."""
+    yy, xx = np.mgrid[:256, :256]
+    right = ((yy - 128) / 80.0) ** 2 + ((xx - 70) / 50.0) ** 2 <= 1          # two elliptical lungs
+    left = ((yy - 128) / 80.0) ** 2 + ((xx - 186) / 50.0) ** 2 <= 1
+    heart = ((yy - 150) / 45.0) ** 2 + ((xx - 128) / 45.0) ** 2 <= 1          # wide medial impression
+    nodule = (yy - 128) ** 2 + (xx - 20) ** 2 <= 12 ** 2                       # 24 mm, centred on the wall
+    sliver = (np.abs(yy - 60) <= 1) & (xx >= 175) & (xx <= 200)               # a 3 px crease at the top
+    lungs = (right | left) & ~heart & ~nodule & ~sliver
+    mask = np.repeat(lungs[None], 5, axis=0)
+    filled = preprocess._fill_small_dents(mask, preprocess.MAX_DENT_MM2, preprocess.MIN_DENT_LUNG_MM2)
+    inside_nodule = nodule & right                                             # the nodule's part in the lung
+    assert filled[2][inside_nodule].mean() > 0.97                              # the wall nodule is back in
+    assert not filled[2][heart & ~(right | left)].any()                       # mediastinum stays out
+    assert filled[2][heart & left].mean() < 0.05                               # the heart's impression too
+    assert filled[2][sliver & left].mean() < 0.5                               # a crease is not a blob
+    assert (filled & ~mask).sum() <= 1.1 * 5 * (inside_nodule & ~lungs).sum() + 5 * 40   # little else added
