@@ -68,6 +68,8 @@ MAX_HOLE_MM2 = 1500.0          # holes inside the lungs up to this area are fill
 MAX_DENT_MM2 = 1000.0          # dents of a lung's outline (convex hull minus lung, per slice) up to this area are
                                # filled: nodules on the pleura too large for the closing (a 35 mm disc: 962 mm2)
 MIN_DENT_LUNG_MM2 = 100.0      # lung regions of a slice smaller than this are not given dents
+MIN_DENT_RADIUS_PX = 1.0       # dents of a smaller inscribed radius (px) are left (1 = keep all: a 7 mm wall
+                               # nodule can leave a dent one pixel thick)
 DENT_COMPACTNESS = 10.0        # a dent is filled only if its area <= this x (its inscribed radius)^2: a blob
                                # (half disc 6.3, a cap of half the radius 9.8), not a sliver along ribs or heart
 
@@ -297,8 +299,8 @@ def _fill_small_dents(mask, max_area_px, min_region_px):
             continue
         darea = np.bincount(dlab.ravel(), minlength=dn + 1)
         inner = ndi.maximum(ndi.distance_transform_edt(dent), dlab, np.arange(dn + 1))
-        inner = np.asarray(inner)                 # inscribed radius (px); < 2: pixel steps of the outline
-        keep = (darea <= max_area_px) & (darea <= DENT_COMPACTNESS * inner ** 2) & (inner >= 2)
+        inner = np.asarray(inner)                 # inscribed radius (px): 1 = one pixel thick
+        keep = (darea <= max_area_px) & (darea <= DENT_COMPACTNESS * inner ** 2) & (inner >= MIN_DENT_RADIUS_PX)
         keep[0] = False
         out[z][sl] |= keep[dlab]
     return out

@@ -83,8 +83,8 @@ def _run_variant(args):
         mask = preprocess.lung_mask(scan.hu, scan.spacing, scan.direction, variant)
         secs = time.process_time() - t0
         zs = list(range(mask.shape[0]))
-    peak_mb = peak_mb()
-    return (dict(variant=variant, seconds=secs, peak_mb=peak_mb, shape=list(scan.hu.shape), slices=[int(z) for z in zs]),
+    peak = peak_mb()
+    return (dict(variant=variant, seconds=secs, peak_mb=peak, shape=list(scan.hu.shape), slices=[int(z) for z in zs]),
             np.packbits(mask))
 
 
