@@ -54,6 +54,11 @@ import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # quieter TensorFlow start-up; set before keras imports it
+# TensorFlow on the CPU allocates each tensor with malloc: tensors over glibc's 32 MB mmap ceiling are mapped
+# and unmapped at every step, and the kernel zeroes their pages again each time (measured: ~500k page faults
+# and ~45 % of the CPU time of a training step in the kernel). Its BFC allocator keeps the memory instead.
+# TensorFlow reads this when it first allocates a tensor, so importing this module before any model runs is enough.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 import numpy as np  # noqa: E402
 import keras  # noqa: E402

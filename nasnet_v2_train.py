@@ -166,6 +166,7 @@ def make_callback(model, train_bn, val, folder, state, cfg):
 
 def main(argv=None):
     cfg = configurator.configure(globals(), argv)
+    import nasnet_v2  # noqa: F401  (first: it sets TensorFlow's CPU allocator before any tensor exists)
     import keras
     from data_generator_sequence_table import SliceTableDataset
     import table as table_mod

@@ -1,0 +1,97 @@
+"""Compare the results of several trained runs in one markdown table (the demo vs its U-Net baseline, vs
+CONTEXT_SLICES=1, vs the long preset, ...).
+
+Each run is a NAME=REPORT_DIR pair: REPORT_DIR is a postprocess.py report folder (metrics.json); the model
+that produced it (metrics.json's "model") gives its training record (config.json, state.json, history.csv
+beside the model). Nothing is recomputed: the figures are the ones the stages wrote.
+
+    python benchmarks/compare_runs.py "--RUNS=('figure3=work/demo/6_report','unet=work/demo/6_report_unet')"
+    python benchmarks/compare_runs.py ... --OUT=benchmarks/results/compare.md
+"""
+import csv
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+RUNS = ("demo=work/demo/6_report",)   # NAME=REPORT_DIR pairs, in table order
+OUT = ""                               # also write the table to this file ("" = print only)
+
+
+def _pct(v):
+    return "-" if v is None else f"{100 * v:.1f} %"
+
+
+def run_row(name, report_dir):
+    """One run's figures: training record (steps, minutes, input) and the test metrics by nodule size."""
+    m = json.load(open(os.path.join(report_dir, "metrics.json")))
+    model_dir = os.path.dirname(m["model"])
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    state = json.load(open(os.path.join(model_dir, "state.json")))
+    with open(os.path.join(model_dir, "history.csv")) as f:
+        epochs = sum(1 for _ in csv.DictReader(f))
+    big = [b for b in m["size_bins_mm"] if b.startswith(">=")][-1]     # the largest size bin (the demo's: >= 10 mm)
+    sens_big = m["sensitivity"]["by_size"][big]
+    return {
+        "run": name,
+        "variant": cfg["VARIANT"],
+        "input": "x".join(str(v) for v in cfg["INPUT_SHAPE"]),
+        "steps": epochs * cfg["STEPS_PER_EPOCH"] if cfg["STEPS_PER_EPOCH"] else None,
+        "train_min": state["train_seconds"] / 60,
+        "best_val_dice": state["best_val_dice"],
+        "big_bin": big,
+        "big_found": f"{sens_big['found']} / {sens_big['total']}",
+        "big_dice_found": m["nodule_dice_found"]["by_size"][big],
+        "sens_by_size": {b: m["sensitivity"]["by_size"][b]["value"] for b in m["size_bins_mm"]},
+        "sensitivity": m["sensitivity"]["value"],
+        "fp_per_scan": m["fp_per_scan"]["value"],
+        "cpm": m["cpm"]["value"],
+        "slice_dice": m["slice_dice"]["value"],
+        "infer_s_per_scan": m["timing"]["seconds_per_scan"],
+        "n_scans": m["n_scans"],
+        "n_nodules": m["n_nodules"],
+    }
+
+
+def table(rows):
+    bins = list(rows[0]["sens_by_size"])
+    head = (["run", "network, input", "steps (min)", "best val Dice", f"{rows[0]['big_bin']} mm found",
+             "Dice (found)"] + [f"sens. {b} mm" for b in bins] +
+            ["sens. all", "FP / scan", "CPM", "slice Dice", "inference s / scan"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        steps = "-" if r["steps"] is None else str(r["steps"])
+        cells = ([r["run"], f"{r['variant']}, {r['input']}", f"{steps} ({r['train_min']:.1f})", f"{r['best_val_dice']:.3f}",
+                  r["big_found"], _pct(r["big_dice_found"])] + [_pct(r["sens_by_size"][b]) for b in bins] +
+                 [_pct(r["sensitivity"]), f"{r['fp_per_scan']:.2f}", f"{r['cpm']:.3f}", _pct(r["slice_dice"]),
+                  f"{r['infer_s_per_scan']:.1f}"])
+        lines.append("| " + " | ".join(cells) + " |")
+    n = {(r["n_scans"], r["n_nodules"]) for r in rows}
+    note = (f"Test scans / nodules: {rows[0]['n_scans']} / {rows[0]['n_nodules']}" if len(n) == 1
+            else "WARNING: the runs were tested on different scans: " + ", ".join(f"{r['run']} {r['n_scans']}/{r['n_nodules']}" for r in rows))
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def main(argv=None):
+    import configurator
+    configurator.configure(globals(), argv)
+    rows = []
+    for pair in RUNS:
+        name, _, folder = pair.partition("=")
+        if not folder:
+            raise SystemExit(f"--RUNS: expected NAME=REPORT_DIR, got {pair!r}")
+        if not os.path.isfile(os.path.join(folder, "metrics.json")):
+            raise SystemExit(f"{name}: no metrics.json in {folder} (run postprocess.py first)")
+        rows.append(run_row(name, folder))
+    md = table(rows)
+    print(md)
+    if OUT:
+        os.makedirs(os.path.dirname(os.path.abspath(OUT)), exist_ok=True)
+        open(OUT, "w").write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
