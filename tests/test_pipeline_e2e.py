@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import tables
 
 import ct_io
@@ -61,3 +62,22 @@ def test_resume_continues_from_last_checkpoint(pipeline_run, tmp_path):
     rows = list(csv.DictReader(open(os.path.join(copy, "4_model", "history.csv"))))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     assert "nothing to do" in run_stage("nasnet_v2_train.py", "--RESUME=1", "--EPOCHS=2", work=copy)
+
+
+def test_compare_runs_tabulates_the_stage_outputs(pipeline_run, tmp_path):
+    """benchmarks/compare_runs.py reads a run's report and training record as the stages wrote them."""
+    from benchmarks import compare_runs
+    work, _ = pipeline_run
+    report = os.path.join(work, "6_report")
+    row = compare_runs.run_row("tiny", report)
+    m = json.load(open(os.path.join(report, "metrics.json")))
+    assert row["steps"] == 3 and row["input"] == "96x96x3" and row["variant"] == "figure3"
+    assert row["fp_per_scan"] == m["fp_per_scan"]["value"] and row["cpm"] == m["cpm"]["value"]
+    assert row["big_bin"] == ">=20" and set(row["sens_by_size"]) == set(m["size_bins_mm"])
+    out = tmp_path / "compare.md"
+    assert compare_runs.main([f"--RUNS=('a={report}','b={report}')", f"--OUT={out}"]) == 0
+    text = out.read_text()
+    assert text.count("| a |") == 1 and text.count("| b |") == 1 and f"{m['n_scans']} / {m['n_nodules']}" in text
+    missing = tmp_path / "none"
+    with pytest.raises(SystemExit, match="no metrics.json"):
+        compare_runs.main([f"--RUNS=('c={missing}',)"])
