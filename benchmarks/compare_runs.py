@@ -26,8 +26,12 @@ def _pct(v):
 
 def run_row(name, report_dir):
     """One run's figures: training record (steps, minutes, input) and the test metrics by nodule size."""
-    m = json.load(open(os.path.join(report_dir, "metrics.json")))
-    model_dir = os.path.dirname(m["model"])
+    metrics_path = os.path.join(report_dir, "metrics.json")
+    m = json.load(open(metrics_path))
+    model_dir = os.path.dirname(m["model"])                              # absolute, as postprocess.py wrote it
+    if os.path.getmtime(os.path.join(model_dir, "state.json")) > os.path.getmtime(metrics_path):
+        print(f"WARNING: {name}: {model_dir} was trained again after {metrics_path} was written (a moved or "
+              f"rerun folder?): its training record may not be the one that gave these metrics", file=sys.stderr)
     cfg = json.load(open(os.path.join(model_dir, "config.json")))
     state = json.load(open(os.path.join(model_dir, "state.json")))
     with open(os.path.join(model_dir, "history.csv")) as f:
