@@ -17,9 +17,10 @@ DEMO_SPLIT ?= "--TEST_FOLDS=()" --VAL_FRACTION=0.15 --TEST_FRACTION=0.25
 DEMO_TRAIN ?= --VARIANT=figure3 --BATCH_SIZE=8 --EPOCHS=8 --STEPS_PER_EPOCH=40 --MAX_MINUTES=25 --LR=0.001 \
               --BN_REESTIMATE_BATCHES=4 --VAL_MAX_BATCHES=8
 DEMO_POST ?= --SCANS=test "--SIZE_BINS=(5.0,10.0)" --MIN_COMPONENT_VOXELS=3
-# the U-Net gets the figure-3 demo's training wall time (BASELINE_MINUTES: set it to what make demo's stage 4
-# took on your machine, minus its ~2 minutes of graph building), not its number of steps
-BASELINE_MINUTES ?= 9
+# the U-Net gets the figure-3 demo's training wall time on this machine, not its number of steps:
+# BASELINE_MINUTES defaults to the train_seconds of the demo's model (its epochs, graph tracing included,
+# as both networks are timed; validation and checkpoints excluded), read from 4_model/state.json
+BASELINE_MINUTES ?= $(shell $(PYTHON) -c "import json; print(round(json.load(open('$(DEMO_WORK)/4_model/state.json'))['train_seconds'] / 60, 2))" 2>/dev/null)
 DEMO_BASELINE_TRAIN ?= $(DEMO_TRAIN) --VARIANT=unet --EPOCHS=1000 --MAX_MINUTES=$(BASELINE_MINUTES) \
                        --OUT_DIR=$(DEMO_WORK)/4_model_unet
 DEMO_BASELINE_POST ?= $(DEMO_POST) --MODEL=$(DEMO_WORK)/4_model_unet/best.keras \
@@ -60,6 +61,8 @@ demo: demo-data
 
 # The U-Net baseline on the demo's data, same time budget, its own model and report folders.
 demo-baseline: install
+	@test -f $(DEMO_WORK)/4_model/state.json || { echo "run make demo first: the U-Net gets its training time"; exit 1; }
+	@echo "U-Net time budget: $(BASELINE_MINUTES) min (the demo's training time)"
 	$(call stage,4 train U-Net baseline,nasnet_v2_train.py,DEMO_BASELINE_TRAIN)
 	$(call stage,5 postprocess U-Net baseline,postprocess.py,DEMO_BASELINE_POST)
 
