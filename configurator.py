@@ -8,8 +8,9 @@ inside the script's main() turns each ``--NAME=value`` argument into an override
 the value is parsed as a Python literal when it can be (``--N_WORKERS=2``, ``--CROP=(400, 400)``),
 otherwise it is kept as a string (``--DATASET=lidc``), and it must have the type of the default
 (an int is accepted where a float is expected). Unknown names, bad types and arguments that are not
-``--NAME=value`` are refused with one clear line (SystemExit). The effective constants are returned as
-a dict; ``save_config(cfg, folder)`` writes them beside a stage's output as ``config.json``.
+``--NAME=value`` are refused with one clear line (SystemExit), and so is a value outside the constant's
+declared choices (``configure(globals(), argv, choices={"LUNG_MASK": ("refined", "thesis")})``), before the
+script does any work. The effective constants are returned as a dict; ``save_config(cfg, folder)`` writes them beside a stage's output as ``config.json``.
 """
 import ast
 import json
@@ -48,8 +49,9 @@ def _parse(name, text, default):
 _DEFAULTS = {}   # id(namespace) -> the constants as the file defines them (captured at the first call)
 
 
-def configure(namespace, argv=None):
+def configure(namespace, argv=None, choices=None):
     """Apply ``--NAME=value`` overrides to ``namespace`` (a script's globals()); return the effective constants.
+    ``choices``: {NAME: allowed values} for constants that take one of a few values (checked after the overrides).
 
     Every call starts from the file's own values, so calling a script's main() twice in one process (tests,
     notebooks) never carries the first call's overrides into the second."""
@@ -64,6 +66,9 @@ def configure(namespace, argv=None):
         if name not in known:
             raise SystemExit(f"unknown setting --{name}; known: {', '.join(known)}")
         namespace[name] = _parse(name, text, known[name])
+    for name, allowed in (choices or {}).items():
+        if namespace[name] not in allowed:
+            raise SystemExit(f"--{name}={namespace[name]}: expected one of {', '.join(map(str, allowed))}")
     return constants(namespace)
 
 

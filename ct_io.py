@@ -4,7 +4,7 @@ Every stage and test goes through this module:
 - ``read_mhd(path)``: a LUNA16 ``.mhd/.raw`` volume with SimpleITK.
 - ``read_dicom_series(folder)``: a DICOM series with pydicom (slices sorted along the slice normal,
   RescaleSlope/Intercept, padding conventions, several series in one folder told apart by
-  SeriesInstanceUID, gaps in z reported, non-CT series refused).
+  SeriesInstanceUID, gaps in z refused or resampled, non-CT series refused).
 - ``world_to_voxel`` / ``voxel_to_world``: ITK's geometry, world = origin + D @ (spacing * index), with
   origin, spacing and direction in ITK's (x, y, z) order and voxel indices in this project's (z, y, x).
 - ``read_scan_h5(path)``: a stage-1 per-scan file (``preprocess.py``'s output) as a dict.
@@ -85,11 +85,50 @@ def to_hu(raw, slope=1.0, intercept=0.0, padding_value=None, slab=16):
 
 # ----------------------------------------------------------------------------- LUNA16 .mhd
 
+_MET_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4, "MET_INT": 4,
+              "MET_ULONG": 8, "MET_LONG": 8, "MET_ULONG_LONG": 8, "MET_LONG_LONG": 8, "MET_FLOAT": 4,
+              "MET_DOUBLE": 8}
+MAX_ABS_HU = 32768       # stored values beyond this magnitude (or NaN, inf) are not CT numbers: the scan is refused
+
+
+def _check_mhd_header(path):
+    """The faults SimpleITK only reports as "ImageFileReader_Execute": a missing or short data file, zero
+    spacing. Raises ScanError naming what is wrong; a header it cannot judge is left to SimpleITK."""
+    try:
+        with open(path, "r", errors="replace") as f:
+            head = dict(ln.split("=", 1) for ln in f.read(65536).splitlines() if "=" in ln)
+    except OSError as e:
+        raise ScanError(f"{path}: unreadable header ({e.strerror})") from None
+    head = {k.strip(): v.strip() for k, v in head.items()}
+    try:
+        spacing = [float(v) for v in head.get("ElementSpacing", head.get("ElementSize", "1 1 1")).split()]
+        dims = [int(v) for v in head.get("DimSize", "").split()]
+    except ValueError:
+        return
+    if any(v <= 0 for v in spacing):
+        raise ScanError(f"{path}: zero or negative spacing {tuple(spacing)} (ElementSpacing)")
+    name = head.get("ElementDataFile", "")
+    if not name or name == "LOCAL" or name.startswith("LIST") or "%" in name:
+        return
+    data = os.path.join(os.path.dirname(path), name)
+    if not os.path.isfile(data):
+        raise ScanError(f"{path}: data file {name} not found")
+    if head.get("CompressedData", "False").lower() == "true" or head.get("ElementType") not in _MET_BYTES or not dims:
+        return
+    expected = int(np.prod(dims)) * _MET_BYTES[head["ElementType"]] * int(head.get("ElementNumberOfChannels", "1"))
+    actual = os.path.getsize(data) - max(int(head.get("HeaderSize", "0") or 0), 0)
+    if actual < expected:
+        raise ScanError(f"{path}: data file {name} is truncated: {actual} bytes, expected {expected} "
+                        f"({' x '.join(map(str, dims))} {head['ElementType']})")
+
+
 def read_mhd(path):
     """A LUNA16 scan (.mhd header + .raw data, already HU) -> Scan."""
     import SimpleITK as sitk
     if not os.path.isfile(path):
         raise ScanError(f"{path}: file not found")
+    if path.lower().endswith(".mhd"):
+        _check_mhd_header(path)
     try:
         img = sitk.ReadImage(path)
     except RuntimeError as e:
@@ -99,6 +138,10 @@ def read_mhd(path):
     if img.GetDimension() != 3:
         raise ScanError(f"{path}: expected a 3-D volume, got {img.GetDimension()}-D")
     arr = sitk.GetArrayFromImage(img)              # (z, y, x)
+    if arr.dtype.kind == "f":
+        bad = int(np.count_nonzero(~(np.abs(arr) <= MAX_ABS_HU)))      # NaN compares False: counted too
+        if bad:
+            raise ScanError(f"{path}: {bad} of {arr.size} voxels are NaN, infinite or beyond +-{MAX_ABS_HU} HU")
     seriesuid = os.path.splitext(os.path.basename(path))[0]
     return Scan(hu=to_hu(arr), origin=tuple(img.GetOrigin()), spacing=tuple(img.GetSpacing()),
                 direction=tuple(img.GetDirection()), seriesuid=seriesuid, patient_id=seriesuid,
@@ -124,13 +167,24 @@ def _dicom_headers(folder):
     return headers, bad
 
 
-def read_dicom_series(folder, series_uid=None):
+def dicom_series_in_folder(folder):
+    """{SeriesInstanceUID: number of image files} of the DICOM images under ``folder`` (headers only)."""
+    headers, _ = _dicom_headers(folder)
+    out = {}
+    for _, ds in headers:
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        out[uid] = out.get(uid, 0) + 1
+    return out
+
+
+def read_dicom_series(folder, series_uid=None, allow_z_gaps=False):
     """A DICOM CT series (one folder, or a folder holding several series) -> Scan in HU.
 
     Slices are sorted by their position along the slice normal. When several series share the folder the
     one named ``series_uid`` is read, else the CT series with the most slices (the others are reported in
-    ``Scan.warnings``). Corrupt files, non-CT series, inconsistent slices raise ScanError; gaps in z are
-    reported as warnings."""
+    ``Scan.warnings``). Corrupt files, non-CT series, inconsistent slices raise ScanError;
+    so does a gap in z (missing slices), unless ``allow_z_gaps``: the slices are then resampled (linearly,
+    from their true positions) onto an even grid of the median slice step."""
     import pydicom
     headers, bad = _dicom_headers(folder)
     if bad:
@@ -168,17 +222,16 @@ def read_dicom_series(folder, series_uid=None):
     order = np.argsort(along, kind="stable")
     items = [items[i] for i in order]
     along, pos = along[order], pos[order]
-    if len(items) > 1:
-        steps = np.diff(along)
-        if np.any(steps < 1e-3):
-            raise ScanError(f"{folder}: {int(np.sum(steps < 1e-3))} duplicate slice position(s)")
-        dz = float(np.median(steps))
-        gaps = np.nonzero(steps > 1.5 * dz)[0]
-        if len(gaps):
-            warnings.append(f"{folder}: {len(gaps)} gap(s) in z, first after slice {gaps[0]} "
-                            f"({steps[gaps[0]]:.2f} mm vs {dz:.2f} mm)")
-    else:
-        dz = float(first.get("SliceThickness", 1.0))
+    steps = np.diff(along)
+    if np.any(steps < 1e-3):
+        raise ScanError(f"{folder}: {int(np.sum(steps < 1e-3))} duplicate slice position(s)")
+    dz = float(np.median(steps)) if len(items) > 1 else float(first.get("SliceThickness", 1.0))
+    gaps = np.nonzero(steps > 1.5 * dz)[0]
+    if len(gaps):
+        gap = (f"{folder}: {len(gaps)} gap(s) in z, first after slice {gaps[0]} ({steps[gaps[0]]:.2f} mm "
+               f"vs {dz:.2f} mm, about {int(round(steps[gaps[0]] / dz)) - 1} slice(s) missing)")
+        if not allow_z_gaps:
+            raise ScanError(f"{gap}; refused (ALLOW_Z_GAPS=1 resamples onto an even grid)")
     rows, cols = int(first.Rows), int(first.Columns)
     hu = np.empty((len(items), rows, cols), dtype=np.int16)
     for k, (f, _) in enumerate(items):
@@ -192,11 +245,26 @@ def read_dicom_series(folder, series_uid=None):
         pad = ds.get("PixelPaddingValue", None)
         hu[k] = to_hu(raw, float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0)),
                       int(pad) if pad is not None else None)
+    if len(gaps):
+        hu = _resample_z(hu, along - along[0], dz)
+        warnings.append(f"{gap}; resampled onto {hu.shape[0]} slices {dz:.2f} mm apart")
     ps = [float(v) for v in first.PixelSpacing]     # (row spacing = dy, column spacing = dx)
     direction = tuple(np.stack([row, col, normal], axis=1).reshape(-1))
     return Scan(hu=hu, origin=tuple(pos[0]), spacing=(ps[1], ps[0], dz), direction=direction,
                 seriesuid=uid, patient_id=str(first.get("PatientID", "")), source="lidc", path=folder,
                 warnings=warnings)
+
+
+def _resample_z(hu, z_mm, dz):
+    """Slices at positions ``z_mm`` (increasing, z_mm[0] = 0) -> slices every ``dz`` mm from 0, linear in z."""
+    grid = np.arange(int(np.floor(z_mm[-1] / dz + 1e-6)) + 1) * dz
+    hi = np.clip(np.searchsorted(z_mm, grid, side="right"), 1, len(z_mm) - 1)
+    lo = hi - 1
+    w = ((grid - z_mm[lo]) / (z_mm[hi] - z_mm[lo])).astype(np.float32)[:, None, None]
+    out = np.empty((len(grid),) + hu.shape[1:], dtype=np.int16)
+    for k in range(len(grid)):
+        out[k] = np.rint(hu[lo[k]] * (1 - w[k]) + hu[hi[k]] * w[k])
+    return out
 
 
 # ----------------------------------------------------------------------------- stage-1 files
@@ -226,16 +294,22 @@ NODULE_DTYPE = np.dtype([
 
 
 def write_scan_h5(path, scan, lung_mask, nodule_mask, nodules, constants=None):
-    """Write a stage-1 file atomically: to ``path + '.tmp'``, then rename. ``nodules``: array of NODULE_DTYPE."""
+    """Write a stage-1 file atomically: to ``path + '.tmp'``, read back and compared with what was written
+    (a full disk can fail silently at close), then renamed. A failed write raises ScanError and leaves no
+    file behind. ``nodules``: array of NODULE_DTYPE."""
     import json
     import tables
     tmp = path + ".tmp"
     filters = tables.Filters(complevel=5, complib="blosc:zstd", shuffle=True)
-    with tables.open_file(tmp, "w") as h5:
-        for name, arr in (("hu", scan.hu.astype(np.int16)), ("lung_mask", lung_mask.astype(np.uint8)),
-                          ("nodule_mask", nodule_mask.astype(np.uint8))):
+    arrays = (("hu", scan.hu.astype(np.int16)), ("lung_mask", lung_mask.astype(np.uint8)),
+              ("nodule_mask", nodule_mask.astype(np.uint8)))
+    nodules = np.asarray(nodules, dtype=NODULE_DTYPE)
+    h5 = None
+    try:
+        h5 = tables.open_file(tmp, "w")
+        for name, arr in arrays:
             h5.create_carray("/", name, obj=arr, filters=filters, chunkshape=(1,) + arr.shape[1:])
-        h5.create_table("/", "nodules", np.asarray(nodules, dtype=NODULE_DTYPE), title="annotated nodules")
+        h5.create_table("/", "nodules", nodules, title="annotated nodules")
         a = h5.root._v_attrs
         a.seriesuid, a.patient_id, a.source = scan.seriesuid, scan.patient_id, scan.source
         a.origin = np.asarray(scan.origin, np.float64)
@@ -243,4 +317,29 @@ def write_scan_h5(path, scan, lung_mask, nodule_mask, nodules, constants=None):
         a.direction = np.asarray(scan.direction, np.float64)
         a.source_path = scan.path
         a.constants = json.dumps(constants or {}, default=str)
+        h5.close()
+        import h5py
+        import hdf5plugin  # noqa: F401  (blosc for h5py)
+        with h5py.File(tmp, "r") as f:              # read back with h5py: PyTables, opening a damaged file,
+            bad = [name for name, arr in arrays     # can leave it open (on a full disk, its space stays held)
+                   if not np.array_equal(f[name][()], arr)]
+            bad += [] if np.array_equal(f["nodules"][()], nodules) else ["nodules"]
+            uid = f.attrs.get("seriesuid")
+            bad += [] if (uid.decode() if isinstance(uid, bytes) else str(uid)) == scan.seriesuid else ["attributes"]
+        if bad:
+            raise OSError(f"{', '.join(bad)} read back differently")
+    except Exception as e:                          # disk full, I/O error, HDF5 error: nothing left behind
+        try:
+            if h5 is not None and h5.isopen:
+                h5.close()
+        except Exception:                           # closing flushes, and the disk is still full
+            pass
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        lines = [ln for ln in lines if not ln.startswith(("File ", "HDF5 error back trace", "End of HDF5"))]
+        detail = lines[-1][:200] if lines else type(e).__name__      # HDF5's messages: the innermost cause
+        import shutil
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
+        raise ScanError(f"{path}: writing failed, nothing written ({detail}; {free:.1f} MiB free there)") from None
     os.replace(tmp, path)

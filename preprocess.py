@@ -8,10 +8,15 @@ and writes ``WORK_DIR/1_preprocessed/<seriesuid>.h5`` (see ct_io.write_scan_h5 a
     python preprocess.py --DATASET=luna16 --INPUT_DIR=data/synthetic/luna16
     python preprocess.py --DATASET=lidc --INPUT_DIR=/data/LIDC-IDRI --LABELS=consensus
 
-Each scan is processed in a worker of a process pool. A scan that fails (truncated .raw, corrupt DICOM,
-non-CT series, annotation outside the volume) is reported in one line and skipped; the others finish and
-the run exits non-zero. Files are written under a temporary name and renamed when complete; a rerun skips
-complete files unless --OVERWRITE=1. The constants used are saved as OUT_DIR/config.json, the log as
+Each scan is processed in a worker of a process pool; each DICOM series is its own scan (several series in
+one folder are told apart by SeriesInstanceUID; a series held by several folders is read once). A scan that
+fails (truncated or missing .raw, zero spacing, NaN/inf voxels, corrupt DICOM, non-CT series, a single
+slice, a gap in z unless ALLOW_Z_GAPS, no lungs, annotation outside the volume, a failed write) is reported
+in one line and skipped; the others finish and the run exits non-zero. Files are written under a temporary
+name, read back and renamed when complete (the temporary files of a killed run are removed by the next one);
+a rerun skips complete files unless --OVERWRITE=1. Settings with a few allowed values (CHOICES), annotation
+files with a missing column, a non-number or no row matching any scan, and an output folder that cannot be
+written are refused before any scan is read. The constants used are saved as OUT_DIR/config.json, the log as
 OUT_DIR/preprocess.log.
 
 Lung masks (LUNG_MASK):
@@ -34,7 +39,8 @@ import numpy as np
 import scipy.ndimage as ndi
 
 import configurator
-from ct_io import NODULE_DTYPE, ScanError, read_dicom_series, read_mhd, world_to_voxel, write_scan_h5
+from ct_io import (NODULE_DTYPE, ScanError, dicom_series_in_folder, read_dicom_series, read_mhd, world_to_voxel,
+                   write_scan_h5)
 
 # ----------------------------------------------------------------------------- constants
 WORK_DIR = "work"              # root of a run; every stage reads and writes below it
@@ -56,6 +62,11 @@ MIN_NODULE_MM = 3.0            # LIDC: clusters below this diameter are listed a
 N_WORKERS = 2                  # process pool size (one scan per task)
 OVERWRITE = False              # True = redo scans whose output file already exists
 LIMIT = 0                      # process only the first LIMIT scans (0 = all)
+ALLOW_Z_GAPS = False           # DICOM series with missing slices: False = refuse the scan, True = resample onto an
+                               # even grid from the true slice positions
+MIN_LUNG_ML = 100.0            # a scan whose lung mask holds less than this (ml) is refused: no lungs found
+CHOICES = dict(DATASET=("luna16", "lidc"), LUNG_MASK=("refined", "thesis"),
+               LABELS=("wand", "consensus", "sphere"))   # the values these settings take (others refused up front)
 
 # refined lung mask settings (millimetres, HU)
 AIR_HU = -400                  # lung/air threshold
@@ -396,17 +407,48 @@ def label_nodules(scan, found):
 
 # ----------------------------------------------------------------------------- annotations
 
+ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")   # LUNA16's CSV header
+
+
 def read_luna16_annotations(path, excluded=False):
-    """annotations.csv -> {seriesuid: [dict(world=(x, y, z), diameter=mm, excluded=bool)]}."""
+    """annotations.csv -> {seriesuid: [dict(world=(x, y, z), diameter=mm, excluded=bool)]}. Fields are
+    stripped of white space (spreadsheets add it); a missing column or a value that is not a number is
+    refused with one line naming the file, row (1 = the header) and column (SystemExit)."""
     out = {}
     if not path or path == "none":
         return out
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            out.setdefault(row["seriesuid"], []).append(dict(
-                world=(float(row["coordX"]), float(row["coordY"]), float(row["coordZ"])),
-                diameter=float(row["diameter_mm"]), n_readers=-1, excluded=excluded))
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        missing = [c for c in ANNOTATION_COLUMNS if c not in header]
+        if missing:
+            raise SystemExit(f"{path}, row 1 (header), column {missing[0]}: missing (header: {','.join(header)})")
+        reader.fieldnames = header
+        for n, row in enumerate(reader, start=2):
+            vals = {}
+            for col in ANNOTATION_COLUMNS:
+                text = (row.get(col) or "").strip()
+                try:
+                    vals[col] = text if col == "seriesuid" else float(text)
+                except ValueError:
+                    raise SystemExit(f"{path}, row {n}, column {col}: {text!r} is not a number") from None
+                if col != "seriesuid" and not np.isfinite(vals[col]):
+                    raise SystemExit(f"{path}, row {n}, column {col}: {text!r} is not a finite number")
+            out.setdefault(vals["seriesuid"], []).append(dict(
+                world=(vals["coordX"], vals["coordY"], vals["coordZ"]),
+                diameter=vals["diameter_mm"], n_readers=-1, excluded=excluded))
     return out
+
+
+def _check_annotation_match(path, ann, scan_uids):
+    """Say how many rows of an annotation file name no scan; refuse the run when none of them does."""
+    n_rows = sum(len(v) for v in ann.values())
+    unmatched = sum(len(v) for uid, v in ann.items() if uid not in scan_uids)
+    if n_rows and unmatched == n_rows:
+        raise SystemExit(f"{path}: all {n_rows} annotation rows match no scan under INPUT_DIR "
+                         f"(seriesuid vs .mhd file names, e.g. {next(iter(ann))!r})")
+    if unmatched:
+        log.warning(f"{path}: {unmatched} of {n_rows} annotation rows match no scan")
 
 
 def lidc_nodules(scan):
@@ -441,7 +483,8 @@ def lidc_nodules(scan):
 # ----------------------------------------------------------------------------- one scan
 
 def find_scans(dataset, input_dir):
-    """Paths of the scans of a dataset: LUNA16 .mhd files, or LIDC series folders (folders holding .dcm)."""
+    """Paths of the scans of a dataset: LUNA16 .mhd files, or LIDC folders holding .dcm files (see
+    dicom_tasks for the series in them)."""
     if dataset == "luna16":
         return sorted(glob.glob(os.path.join(input_dir, "**", "*.mhd"), recursive=True))
     if dataset == "lidc":
@@ -450,9 +493,10 @@ def find_scans(dataset, input_dir):
     raise SystemExit(f"DATASET must be 'luna16' or 'lidc', not {dataset!r}")
 
 
-def process_scan(path, out_dir, annotations, cfg):
-    """Read one scan, compute its lung mask and nodule labels, write OUT_DIR/<seriesuid>.h5.
-    Returns (path, status, message, seconds); status is 'done', 'skipped' or 'failed'."""
+def process_scan(path, out_dir, annotations, cfg, series_uid=None):
+    """Read one scan (an .mhd, or the series ``series_uid`` of a DICOM folder), compute its lung mask and
+    nodule labels, write OUT_DIR/<seriesuid>.h5. Returns (path, status, message, seconds); status is 'done',
+    'skipped' or 'failed'."""
     t0 = time.time()
     try:
         globals().update(cfg)                         # worker processes get the run's constants
@@ -465,12 +509,20 @@ def process_scan(path, out_dir, annotations, cfg):
             scan.patient_id = _luna16_patient(uid)
             found = annotations.get(uid, [])
         else:
-            scan = read_dicom_series(path)
+            if series_uid and os.path.exists(os.path.join(out_dir, series_uid + ".h5")) and not cfg["OVERWRITE"]:
+                return path, "skipped", "", 0.0
+            scan = read_dicom_series(path, series_uid, allow_z_gaps=cfg["ALLOW_Z_GAPS"])
             out = os.path.join(out_dir, scan.seriesuid + ".h5")
             if os.path.exists(out) and not cfg["OVERWRITE"]:
                 return path, "skipped", "", 0.0
+            if scan.hu.shape[0] < 2:
+                raise ScanError(f"{path}: series {scan.seriesuid}: 1 slice: not a volume")
             found = lidc_nodules(scan)
         lungs = lung_mask(scan.hu, scan.spacing, scan.direction)
+        lung_ml = float(np.count_nonzero(lungs)) * float(np.prod(scan.spacing)) / 1000.0
+        if lung_ml < cfg["MIN_LUNG_ML"]:
+            raise ScanError(f"{path}: no lungs found: lung mask {lung_ml:.0f} ml < MIN_LUNG_ML "
+                            f"({cfg['MIN_LUNG_ML']:.0f} ml)")
         nodule_mask, rows = label_nodules(scan, found)
         write_scan_h5(out, scan, lungs, nodule_mask, rows, constants=cfg)
         msg = "; ".join(scan.warnings)
@@ -479,6 +531,33 @@ def process_scan(path, out_dir, annotations, cfg):
         return path, "failed", str(e), time.time() - t0
     except Exception as e:                             # a bug or an unforeseen input: report, keep going
         return path, "failed", f"{path}: {type(e).__name__}: {e}", time.time() - t0
+
+
+def dicom_tasks(folders, pool=None):
+    """(folder, SeriesInstanceUID) per DICOM series of ``folders``: each series is its own scan, read once
+    from the first folder holding it (a folder whose files hold no readable series is kept as (folder, None):
+    reading it then says what is wrong)."""
+    found = (pool.imap if pool is not None else map)(dicom_series_in_folder, folders)
+    tasks, where = [], {}
+    for folder, series in zip(folders, found):
+        if not series:
+            tasks.append((folder, None))
+        for uid in sorted(series):
+            if uid in where:
+                log.info(f"{folder}: series {uid} already read from {where[uid]}; not read again")
+                continue
+            where[uid] = folder
+            tasks.append((folder, uid))
+    return tasks
+
+
+def _clean_tmp(out_dir):
+    """Remove the temporary files an interrupted run (kill -9, power cut) left in the stage's folder."""
+    stale = glob.glob(os.path.join(out_dir, "*.tmp"))
+    for p in stale:
+        os.remove(p)
+    if stale:
+        log.info(f"{out_dir}: removed {len(stale)} temporary file(s) left by an interrupted run")
 
 
 def _luna16_patient(seriesuid):
@@ -496,17 +575,31 @@ def _task(args):
 
 
 def main(argv=None):
-    cfg = configurator.configure(globals(), argv)
+    try:
+        return _main(argv)
+    except SystemExit as e:                         # a refusal before the scans: its line goes to the log too
+        if isinstance(e.code, str):
+            for h in log.handlers:
+                if isinstance(h, logging.FileHandler):
+                    h.stream.write(e.code + "\n")
+                    h.flush()
+        raise
+
+
+def _main(argv=None):
+    cfg = configurator.configure(globals(), argv, choices=CHOICES)
     out_dir = OUT_DIR or os.path.join(WORK_DIR, "1_preprocessed")
-    os.makedirs(out_dir, exist_ok=True)
-    configurator.save_config(cfg, out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        configurator.save_config(cfg, out_dir)
+    except OSError as e:
+        raise SystemExit(f"{out_dir}: cannot write the output folder ({e.strerror or e})") from None
     _setup_log(os.path.join(out_dir, "preprocess.log"))
+    _clean_tmp(out_dir)
     input_dir = INPUT_DIR or os.path.join(WORK_DIR, "0_synthetic", DATASET)
     if not os.path.isdir(input_dir):
         raise SystemExit(f"INPUT_DIR {input_dir}: no such folder")
     paths = find_scans(DATASET, input_dir)
-    if LIMIT:
-        paths = paths[:LIMIT]
     if not paths:
         raise SystemExit(f"{input_dir}: no {DATASET} scans found")
     annotations = {}
@@ -515,22 +608,31 @@ def main(argv=None):
         exc = EXCLUDED or os.path.join(input_dir, "annotations_excluded.csv")
         if not os.path.isfile(ann):
             raise SystemExit(f"{ann}: annotations file not found")
+        uids = {os.path.splitext(os.path.basename(p))[0] for p in paths}
         annotations = read_luna16_annotations(ann)
+        _check_annotation_match(ann, annotations, uids)
         if os.path.isfile(exc):
-            for uid, rows in read_luna16_annotations(exc, excluded=True).items():
+            excluded = read_luna16_annotations(exc, excluded=True)
+            _check_annotation_match(exc, excluded, uids)
+            for uid, rows in excluded.items():
                 annotations.setdefault(uid, []).extend(rows)
-    log.info(f"preprocess: {len(paths)} {DATASET} scans from {input_dir} -> {out_dir} "
-             f"(LUNG_MASK={LUNG_MASK}, LABELS={LABELS}, {N_WORKERS} workers)")
+    if LIMIT:
+        paths = paths[:LIMIT]
+    log.info(f"preprocess: {len(paths)} {DATASET} {'scans' if DATASET == 'luna16' else 'folders'} from "
+             f"{input_dir} -> {out_dir} (LUNG_MASK={LUNG_MASK}, LABELS={LABELS}, {N_WORKERS} workers)")
     from tqdm import tqdm
-    tasks = [(p, out_dir, annotations, cfg) for p in paths]
-    results = []
-    if N_WORKERS > 1:
-        with Pool(N_WORKERS) as pool:
-            for r in tqdm(pool.imap_unordered(_task, tasks), total=len(tasks), desc="scans", unit="scan"):
-                results.append(_report(r))
-    else:
-        for t in tqdm(tasks, desc="scans", unit="scan"):
-            results.append(_report(_task(t)))
+    pool = Pool(N_WORKERS) if N_WORKERS > 1 else None
+    try:
+        jobs = dicom_tasks(paths, pool) if DATASET == "lidc" else [(p, None) for p in paths]
+        tasks = [(p, out_dir, annotations, cfg, uid) for p, uid in jobs]
+        results = []
+        stream = pool.imap_unordered(_task, tasks) if pool is not None else map(_task, tasks)
+        for r in tqdm(stream, total=len(tasks), desc="scans", unit="scan"):
+            results.append(_report(r))
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     failed = [r for r in results if r[1] == "failed"]
     done = [r for r in results if r[1] == "done"]
     secs = [r[3] for r in done]

@@ -1,6 +1,6 @@
 """`make bench`: run the stage benchmarks one after another and write one table (markdown and JSON).
 
-Runs bench_preprocess.py, bench_data.py, bench_model.py and bench_inference.py (each writes its own JSON in
+Runs bench_preprocess.py, bench_data.py, bench_model.py, bench_inference.py and bench_allocator.py (each writes its own JSON in
 benchmarks/results/), then collects the figures, each with its reference measured in the same run where one
 exists, into benchmarks/results/bench_table.md and bench_table.json.
 
@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
-SKIP = ()                      # names among preprocess, data, model, inference not to rerun
+SKIP = ()                      # names among preprocess, data, model, inference, allocator not to rerun
 MODEL_ARGS = ("--MODES=('graph','eager')",)   # bench_model.py arguments (the full mode comparison takes ~25 min)
 
 
@@ -72,7 +72,8 @@ def main(argv=None):
     import configurator
     cfg = configurator.configure(globals(), argv)
     os.makedirs(RESULTS, exist_ok=True)
-    runs = {"preprocess": [], "data": ["--MODEL_STEP=True"], "model": list(MODEL_ARGS), "inference": []}
+    runs = {"preprocess": [], "data": ["--MODEL_STEP=True"], "model": list(MODEL_ARGS), "inference": [],
+            "allocator": []}
     times = {}
     for name, args in runs.items():
         if name in SKIP:
@@ -82,6 +83,12 @@ def main(argv=None):
         subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"bench_{name}.py"), *args], cwd=ROOT, check=True)
         times[name] = time.time() - t0
     rows = table(_load("preprocess"), _load("data"), _load("model"), _load("inference"))
+    alloc = (_load("allocator") or {}).get("results", {})
+    if "page_faults_per_step" in alloc.get("true", {}) and "page_faults_per_step" in alloc.get("false", {}):
+        t, f = alloc["true"], alloc["false"]
+        rows.append(("TensorFlow BFC allocator (import nasnet_v2): page faults per step (s/step)",
+                     f"{t['page_faults_per_step']:.0f} ({t['s_per_step']:.3f})", "malloc (USE_BFC=false)",
+                     f"{f['page_faults_per_step']:.0f} ({f['s_per_step']:.3f})", None))
 
     def fmt(v):
         return "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))

@@ -141,7 +141,7 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path, capsys):
     err = capsys.readouterr().err
     failed = [ln for ln in err.splitlines() if ln.startswith("FAILED")]
     assert len(failed) == 2
-    assert any(os.path.basename(mhds[0]) in ln and "unreadable" in ln for ln in failed)
+    assert any(os.path.basename(mhds[0]) in ln and "is truncated" in ln and "expected" in ln for ln in failed)
     assert any(outside_uid in ln and "outside the volume" in ln for ln in failed)
     done = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(work, "1_preprocessed", "*.h5"))}
     assert done == {os.path.basename(p)[:-4] for p in mhds[2:]}
@@ -152,7 +152,10 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path, capsys):
     for name in ("truncated", "garbage", "mr"):
         (lidc / name).mkdir(parents=True)
     real = get_testdata_file("CT_small.dcm")
-    with open(real, "rb") as f:
+    ds = pydicom.dcmread(real)
+    ds.SeriesInstanceUID = "1.2.3.4.5"             # its own series (a series is read once, from one folder)
+    ds.save_as(tmp_path / "other_series.dcm")
+    with open(tmp_path / "other_series.dcm", "rb") as f:
         data = f.read()
     with open(lidc / "truncated" / "2.dcm", "wb") as f:       # header intact, pixel data cut short
         f.write(data[:int(len(data) * 0.6)])
