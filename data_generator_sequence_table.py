@@ -96,17 +96,25 @@ class SliceTableDataset(_PyDataset):
 
     def __init__(self, path, indexes, batch_size=12, augment=True, flip=True, rot_deg=6.0, zoom=0.0,
                  label_interp="nearest", shuffle=True, drop_last=True, seed=85, crop=0, crop_nodule_p=0.8,
-                 one_hot=True, max_batches=0, **kwargs):
+                 one_hot=True, max_batches=0, sampling="slice", neg_fraction=0.3, **kwargs):
         if _PyDataset is not object:
             super().__init__(**kwargs)
         if label_interp not in ("nearest", "threshold", "truncate"):
             raise ValueError(f"label_interp: 'nearest', 'threshold' or 'truncate', got {label_interp!r}")
         import tables
         self.path = os.path.abspath(path)
+        if sampling not in ("slice", "nodule"):
+            raise ValueError(f"sampling: 'slice' or 'nodule', got {sampling!r}")
         with tables.open_file(self.path, "r") as h5:     # metadata only; the reading handle opens lazily
             n_rows = h5.root.data.shape[0]
             tail = tuple(int(s) for s in h5.root.data.shape[1:])
             self.context_slices = int(getattr(h5.root._v_attrs, "CONTEXT_SLICES", 1))
+            rows = h5.root.slices
+            if sampling == "nodule" and "nodule_ids" not in rows.colnames:
+                raise ValueError(f"{path}: SAMPLING='nodule' needs the table's nodule_ids column (rebuild it "
+                                 "with this table.py)")
+            if sampling == "nodule":
+                meta = (rows.col("seriesuid"), rows.col("nodule_ids"), rows.col("n_nodule_pixels"))
         self.indexes = np.asarray(indexes, dtype=np.int64).ravel()
         if len(self.indexes) and (self.indexes.min() < 0 or self.indexes.max() >= n_rows):
             raise ValueError(f"{path}: indexes outside the table's {n_rows} rows")
@@ -117,8 +125,29 @@ class SliceTableDataset(_PyDataset):
         self.crop = int(crop) if crop and crop < min(self.height, self.width) else 0
         self.crop_nodule_p, self.one_hot = float(crop_nodule_p), one_hot
         self.max_batches = int(max_batches)         # > 0: an epoch is the first max_batches batches of its order
+        self.sampling, self.neg_fraction = sampling, float(neg_fraction)
+        if sampling == "nodule":
+            self._row_weights(*meta)
         self._h5, self._pid = None, None
         self.set_epoch(0)
+
+    def _row_weights(self, seriesuids, nodule_ids, n_nodule_pixels):
+        """SAMPLING='nodule': each nodule equally likely, whatever its size. A nodule crossing n slices gives
+        each of them 1/n; a slice's weight is the sum over its nodules. Negatives (no nodule pixel in the
+        input) are drawn uniformly, ``neg_fraction`` of each epoch."""
+        idx = self.indexes
+        ids = nodule_ids[idx]
+        pos = (n_nodule_pixels[idx] > 0) & (ids > 0).any(axis=1)
+        keys = [(seriesuids[r], int(k)) for r, row in zip(idx, ids) for k in row if k > 0]
+        uniq, counts = np.unique(np.array([f"{u!r}/{k}" for u, k in keys]), return_counts=True)
+        n_slices = dict(zip(uniq, counts))
+        w = np.zeros(len(idx))
+        for i in np.nonzero(pos)[0]:
+            w[i] = sum(1.0 / n_slices[f"{seriesuids[idx[i]]!r}/{int(k)}"] for k in ids[i] if k > 0)
+        self._pos = np.nonzero(pos)[0]
+        self._pos_p = w[self._pos] / w[self._pos].sum() if len(self._pos) else None
+        self._neg = np.nonzero(~pos)[0]
+        self.n_nodules = len(uniq)
 
     # ------------------------------------------------------------------ shape and order
     @property
@@ -135,7 +164,15 @@ class SliceTableDataset(_PyDataset):
     def set_epoch(self, epoch):
         """Use epoch ``epoch``'s order and augmentation (epochs count from 0)."""
         self.epoch = int(epoch)
-        if self.shuffle:
+        if self.shuffle and self.sampling == "nodule" and len(self._pos):
+            # as many draws as rows: (1 - neg_fraction) by nodule, the rest uniform among negatives
+            rng = np.random.default_rng([self.seed, self.epoch])
+            n = len(self.indexes)
+            n_neg = int(round(self.neg_fraction * n)) if len(self._neg) else 0
+            order = np.concatenate([rng.choice(self._pos, n - n_neg, p=self._pos_p),
+                                    rng.choice(self._neg, n_neg) if n_neg else np.zeros(0, np.int64)])
+            self.order = rng.permutation(order)
+        elif self.shuffle:
             rng = np.random.default_rng([self.seed, self.epoch])
             self.order = rng.permutation(len(self.indexes))
         else:
@@ -191,33 +228,47 @@ class SliceTableDataset(_PyDataset):
                          [0, -1 if fy else 1, 2 * cy if fy else 0], [0, 0, 1]], np.float64)
         return (rot @ flip)[:2]
 
-    def _crop_origin(self, m, label, rng):
-        """Top-left corner (y, x) of a random crop in output coordinates, on a nodule with p = crop_nodule_p."""
+    def _crop_origin(self, m, image, label, rng):
+        """Top-left corner (y, x) of a random crop in output coordinates, on a nodule with p = crop_nodule_p.
+        SAMPLING='nodule': the nodule is one of the slice's nodules with equal chance (not by its area), and
+        the other crops are placed on a bright lung pixel off the nodules (mostly a vessel: the look-alikes)."""
         c, hh, ww = self.crop, self.height, self.width
         on_nodule = rng.random() < self.crop_nodule_p
         pick = rng.random()
         uy, ux = rng.random(2)
         if on_nodule:
             ys, xs = np.nonzero(label)
-            if len(ys):
-                k = min(int(pick * len(ys)), len(ys) - 1)
-                py, px = float(ys[k]), float(xs[k])
-                if m is not None:
-                    px, py = m @ np.array([px, py, 1.0])
-                py = min(max(int(round(py)), 0), hh - 1)
-                px = min(max(int(round(px)), 0), ww - 1)
-                # a uniform corner such that the nodule pixel lies inside the crop
-                y_lo, y_hi = max(py - c + 1, 0), min(py, hh - c)
-                x_lo, x_hi = max(px - c + 1, 0), min(px, ww - c)
-                return y_lo + int(uy * (y_hi - y_lo + 1)), x_lo + int(ux * (x_hi - x_lo + 1))
-        return int(uy * (hh - c + 1)), int(ux * (ww - c + 1))
+            if len(ys) and self.sampling == "nodule":
+                import cv2
+                n_comp, comp = cv2.connectedComponents(label.astype(np.uint8), connectivity=8)
+                ys, xs = np.nonzero(comp == 1 + min(int(rng.random() * (n_comp - 1)), n_comp - 2))
+        elif self.sampling == "nodule":
+            img = image[..., image.shape[-1] // 2] if image.ndim == 3 else image
+            inside = img[(img != 0) & (label == 0)]
+            ys = xs = ()
+            if inside.size:
+                ys, xs = np.nonzero((img > np.percentile(inside, 98)) & (label == 0))
+        else:
+            ys = xs = ()
+        if len(ys) == 0:
+            return int(uy * (hh - c + 1)), int(ux * (ww - c + 1))
+        k = min(int(pick * len(ys)), len(ys) - 1)
+        py, px = float(ys[k]), float(xs[k])
+        if m is not None:
+            px, py = m @ np.array([px, py, 1.0])
+        py = min(max(int(round(py)), 0), hh - 1)
+        px = min(max(int(round(px)), 0), ww - 1)
+        # a uniform corner such that the chosen pixel lies inside the crop
+        y_lo, y_hi = max(py - c + 1, 0), min(py, hh - c)
+        x_lo, x_hi = max(px - c + 1, 0), min(px, ww - c)
+        return y_lo + int(uy * (y_hi - y_lo + 1)), x_lo + int(ux * (x_hi - x_lo + 1))
 
     def augment_sample(self, image, label, rng):
         """One (H, W, C) image and its (H, W) 0/1 label -> augmented (h, w, C) float32, (h, w) uint8."""
         import cv2
         m = self._matrix(rng) if self.augment else None
         if self.crop:
-            y0, x0 = self._crop_origin(m, label, rng)
+            y0, x0 = self._crop_origin(m, image, label, rng)
             shift = np.array([[1, 0, -x0], [0, 1, -y0]], np.float64)
             m = (np.vstack([m, [0, 0, 1]]) if m is not None else np.eye(3))
             m = shift @ m                                # warp only the crop's pixels

@@ -11,6 +11,8 @@ H and W multiples of 32 (any size >= 32 builds; multiples of 32 keep every level
 - ``figure3`` (default): NASNetMobile encoder (random init, or a weights file), four taps found by layer
   role, a Global Convolutional Network (GCN) block per tap, and the decoder of figure 3 (bilinear upsampling
   to the exact size of the next tap, concatenation, squeeze-and-excitation (SE), 3x3 conv + BN + ReLU).
+- ``figure3_stem``: figure 3 plus a fifth tap, NASNet's stem convolution at 1/2 resolution (GCN of
+  STEM_FILTERS, joined at the head by concatenation + SE): the finest level where small nodules keep pixels.
 - ``thesis_code``: the heavier decoder of the thesis code (per level: SE, then a parallel 1x1 conv, two
   dilated separable 3x3 convs and a GCN, concatenated, SE, 1x1 conv + BN + ReLU).
 - ``unet``: a plain U-Net of similar parameter count, the baseline a user would otherwise pick.
@@ -78,6 +80,8 @@ GCN_K_SKIP = 19            # GCN kernel length at the three skip levels (thesis 
 GCN_K_BOTTOM = 13          # GCN kernel length at the bottom (1/32) level (thesis code)
 DECODER_FILTERS = (128, 64, 32)    # 3x3 conv filters after the 1/16, 1/8, 1/4 concatenations (figure 3)
 HEAD_FILTERS = 32          # 3x3 conv filters at 1/2 resolution (figure 3)
+STEM_FILTERS = 16          # figure3_stem: GCN filters on NASNet's stem (the 1/2-resolution tap figure 3 does not use)
+GCN_K_STEM = 7             # figure3_stem: GCN kernel length at the stem (a 5 mm nodule is ~4 px wide there at 0.7 mm)
 SE_RATIO = 8               # squeeze-and-excitation bottleneck: dense C/8 (relu) -> dense C (sigmoid)
 THESIS_DILATIONS = (2, 4)  # dilation rates of the separable 3x3 branches of the thesis_code decoder
 THESIS_GCN_MULT = 2        # thesis_code: the GCN branch has this many times the level's filters (~22 M in all)
@@ -88,7 +92,7 @@ CLIP_EPS = 1e-7            # probabilities clipped to [eps, 1 - eps] in the cros
 DICE_SMOOTH = 1.0          # +1 in numerator and denominator of dice_coef, thesis
 GDL_EPS = 1e-7             # added to the GDL denominator (see the module docstring)
 
-_VARIANTS = ("figure3", "thesis_code", "unet")
+VARIANTS = ("figure3", "figure3_stem", "thesis_code", "unet")
 _TAP_STRIDES = (4, 8, 16, 32)       # encoder taps: spatial size ceil(H / stride)
 _TAP_CELL_PATTERN = re.compile(r"^reduction_bn_1_(.+)$")  # role of the skip taps inside NASNet's reduction cells
 
@@ -220,13 +224,22 @@ def _nasnet_gcn(input_shape, variant):
     for level, (skip, filters) in zip((3, 2, 1), zip(g[2::-1], DECODER_FILTERS)):
         x = upsample_to(x, _spatial(skip), f"dec{level}_up")
         x = layers.Concatenate(name=f"dec{level}_concat")([x, skip])  # 256+128=384, 128+64=192, 64+16=80
-        if variant == "figure3":
+        if variant in ("figure3", "figure3_stem"):
             x = se_block(x, f"dec{level}_se")
             x = _conv_bn_relu(x, filters, 3, f"dec{level}")
         else:
             x = _thesis_code_level(x, filters, GCN_K_SKIP, f"dec{level}")
     h1 = _spatial(g[0])
-    x = upsample_to(x, (2 * h1[0], 2 * h1[1]), "head_up1")
+    if variant == "figure3_stem":
+        # a fifth tap: the stem's 3x3 stride-2 convolution (1/2 resolution), where small nodules still have
+        # a few pixels; its GCN joins the head like the other skips join their levels
+        stem = encoder.get_layer("stem_bn1").output
+        g0 = gcn_block(stem, STEM_FILTERS, GCN_K_STEM, "gcn0")
+        x = upsample_to(x, _spatial(stem), "head_up1")
+        x = layers.Concatenate(name="head_concat")([x, g0])
+        x = se_block(x, "head_se")
+    else:
+        x = upsample_to(x, (2 * h1[0], 2 * h1[1]), "head_up1")
     x = _conv_bn_relu(x, HEAD_FILTERS, 3, "head")
     x = upsample_to(x, input_shape[:2], "head_up2")
     x = layers.Conv2D(N_CLASSES, 1, name="logits")(x)
@@ -270,8 +283,8 @@ def get_model(input_shape=(400, 400, 1), variant="figure3", weights=None, bn_mom
     unet_kwargs: base_filters, depth for the U-Net.
     """
     input_shape = _check_input_shape(input_shape)
-    if variant not in _VARIANTS:
-        raise ValueError(f"variant {variant!r}: expected one of {_VARIANTS}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r}: expected one of {VARIANTS}")
     if variant == "unet":
         model = get_unet(input_shape, bn_momentum=None, **unet_kwargs)
     else:
@@ -469,8 +482,8 @@ def describe(model):
 def main(argv=None):
     from configurator import configure
     cfg = configure(globals(), sys.argv[1:] if argv is None else argv)
-    if VARIANT not in _VARIANTS:
-        raise SystemExit(f"--VARIANT={VARIANT}: expected one of {', '.join(_VARIANTS)}")
+    if VARIANT not in VARIANTS:
+        raise SystemExit(f"--VARIANT={VARIANT}: expected one of {', '.join(VARIANTS)}")
     model = get_model((INPUT_SIZE, INPUT_SIZE, CHANNELS), variant=VARIANT, weights=WEIGHTS or None,
                       bn_momentum=BN_MOMENTUM)
     if FULL_SUMMARY:

@@ -3,7 +3,8 @@
 Reads  WORK_DIR/2_table/slices.h5 (table.py) and WORK_DIR/3_split/{train,val}_idx.npy (slice_idx.py).
 Writes WORK_DIR/4_model/: best.keras (best validation Dice), last.keras (every epoch, with the optimiser
 state), history.csv, state.json (epoch reached, best Dice: what --RESUME=1 continues from), config.json
-(every constant used, plus the table's CROP and CONTEXT_SLICES that postprocess.py feeds the model with),
+(every constant used, plus the table's input geometry that postprocess.py feeds the model with: CROP,
+CONTEXT_SLICES, PIXEL_MM, CROP_MM, CONTEXT_MM, and PIXEL_MM_RANGE, the scans' pixel sizes),
 TensorBoard logs in tensorboard/.
 
     python nasnet_v2_train.py                                   # thesis-like defaults
@@ -52,6 +53,9 @@ ZOOM = 0.0                     # zoom uniform in [1 - ZOOM, 1 + ZOOM] (thesis: n
 LABEL_INTERP = "nearest"       # rotated labels: "nearest", "threshold" (bilinear >= 0.5), "truncate" (thesis bug)
 TRAIN_CROP = 0                 # train on random crops of this side (px, multiple of 32); 0 = whole slices (thesis)
 CROP_NODULE_P = 0.8            # share of training crops placed on a nodule
+SAMPLING = "slice"             # "slice": every table row once per epoch (thesis); "nodule": each nodule equally likely
+                               # (small ones as often as large), crops on one nodule / on vessel look-alikes
+NEG_FRACTION = 0.3             # SAMPLING="nodule": share of each epoch drawn among slices without nodules
 BN_MOMENTUM = 0.99             # momentum of every BN layer (Keras's NASNetMobile: 0.9997); 0 = keep Keras's
 BN_REESTIMATE_BATCHES = 8      # training batches used to re-estimate BN statistics each epoch (0 = off)
 REDUCE_LR_PATIENCE = 0         # halve the learning rate after this many epochs without a better val Dice (0 = off)
@@ -112,10 +116,71 @@ def pooled_dice(model, dataset, max_batches=0):
     return dice(inter, n_pred, n_true)
 
 
-def make_callback(model, train_bn, val, folder, state, cfg):
+def _write_history(path, rows):
+    """history.csv (one row per epoch: epoch, then the logs' keys sorted, as Keras's CSVLogger writes it)."""
+    keys = sorted({k for r in rows for k in r} - {"epoch"})
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["epoch"] + keys, restval="")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _iterations(model):
+    import keras
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+
+
+def save_checkpoint(model, folder, state, history):
+    """last.keras, history.csv and state.json of an epoch, each written to a temporary file first; then
+    renamed in that order. state.json is the commit: it records the optimiser's step count, so that a kill
+    between the renames is recognised on --RESUME=1 (see recover_checkpoint) and no epoch is replayed on a
+    model that moved on."""
+    paths = [os.path.join(folder, n) for n in ("last.keras", "history.csv", "state.json")]
+    model.save(paths[0] + ".tmp.keras")                 # Keras wants the .keras extension
+    _write_history(paths[1] + ".tmp", history)
+    with open(paths[2] + ".tmp", "w") as f:
+        json.dump(dict(state, iterations=_iterations(model)), f, indent=2)
+    os.replace(paths[0] + ".tmp.keras", paths[0])
+    os.replace(paths[1] + ".tmp", paths[1])
+    os.replace(paths[2] + ".tmp", paths[2])
+
+
+def recover_checkpoint(folder, model):
+    """On --RESUME=1, with last.keras loaded as ``model``: finish a commit that a kill interrupted (last.keras
+    renamed, state.json.tmp written but not renamed), then read state.json; history.csv is cut to the epochs
+    state.json counts. Returns (state, history rows), or (None, []) when no consistent state exists."""
+    state_path, hist_path = os.path.join(folder, "state.json"), os.path.join(folder, "history.csv")
+    try:
+        pending = json.load(open(state_path + ".tmp"))
+    except (OSError, ValueError):
+        pending = None
+    if pending is not None and pending.get("iterations") == _iterations(model):
+        if os.path.isfile(hist_path + ".tmp"):
+            os.replace(hist_path + ".tmp", hist_path)
+        os.replace(state_path + ".tmp", state_path)
+    try:
+        state = json.load(open(state_path))
+    except (OSError, ValueError):
+        return None, []
+    if state.get("iterations", _iterations(model)) != _iterations(model):
+        return None, []
+    rows = list(csv.DictReader(open(hist_path))) if os.path.isfile(hist_path) else []
+    return state, [r for r in rows if int(r["epoch"]) <= state["epoch"]]
+
+
+def clean_tmp(folder):
+    """Remove the temporary files an interrupted run left (after recover_checkpoint has used them)."""
+    import glob
+    for p in glob.glob(os.path.join(folder, "*.tmp")) + glob.glob(os.path.join(folder, "*.tmp.keras")):
+        os.remove(p)
+
+
+def make_callback(model, train_bn, val, folder, state, cfg, history=None):
     """Per epoch: BN re-estimation, validation Dice, checkpoints, state.json, throughput, LR schedule, stop rules."""
     import keras
     import nasnet_v2
+
+    rows = history if history is not None else []
 
     class EpochEnd(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -140,16 +205,15 @@ def make_callback(model, train_bn, val, folder, state, cfg):
             improved = logs["val_dice"] > state.get("best_val_dice", -1.0)
             if improved:
                 state["best_val_dice"], state["best_epoch"], state["stale"] = logs["val_dice"], epoch, 0
-                model.save(os.path.join(folder, "best.keras"))
+                model.save(os.path.join(folder, "best.keras.tmp.keras"))
+                os.replace(os.path.join(folder, "best.keras.tmp.keras"), os.path.join(folder, "best.keras"))
             else:
                 state["stale"] = state.get("stale", 0) + 1
                 if REDUCE_LR_PATIENCE and state["stale"] % REDUCE_LR_PATIENCE == 0:
                     model.optimizer.learning_rate.assign(logs["lr"] / 2)
-            model.save(os.path.join(folder, "last.keras.tmp.keras"))
-            os.replace(os.path.join(folder, "last.keras.tmp.keras"), os.path.join(folder, "last.keras"))
             state["epoch"] = epoch
-            with open(os.path.join(folder, "state.json"), "w") as f:
-                json.dump(state, f, indent=2)
+            rows.append(dict({k: float(v) for k, v in logs.items() if np.ndim(v) == 0}, epoch=epoch))
+            save_checkpoint(model, folder, state, rows)
             print(f"epoch {epoch + 1}: loss {logs.get('loss', float('nan')):.4f} train dice "
                   f"{logs.get('dice_coef', float('nan')):.3f} val dice {logs['val_dice']:.3f}"
                   f"{' (best)' if improved else ''} | {logs['slices_per_s']:.1f} slices/s, {train_s:.0f} s",
@@ -187,7 +251,7 @@ def main(argv=None):
     workers = dict(workers=WORKERS, use_multiprocessing=USE_MULTIPROCESSING) if WORKERS else {}
     train = SliceTableDataset(table_path, train_idx, batch_size=BATCH_SIZE, augment=AUGMENT, rot_deg=ROT_DEG,
                               zoom=ZOOM, label_interp=LABEL_INTERP, shuffle=True, seed=SEED, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P,
-                              max_batches=STEPS_PER_EPOCH, **workers)
+                              max_batches=STEPS_PER_EPOCH, sampling=SAMPLING, neg_fraction=NEG_FRACTION, **workers)
     train_bn = SliceTableDataset(table_path, train_idx, batch_size=BATCH_SIZE, augment=False, shuffle=True,
                                  seed=SEED + 1, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P)
     val = SliceTableDataset(table_path, val_idx, batch_size=BATCH_SIZE, augment=False, shuffle=False,
@@ -195,21 +259,32 @@ def main(argv=None):
     settings = table_mod.table_settings(table_path)
     cfg.update({"TABLE_" + k.upper(): v for k, v in settings.items()})
     cfg["CROP"] = int(settings.get("crop", train.height))
+    # the input geometry postprocess.py must rebuild (table.InputGeometry), and for a raw-pixel model the
+    # range of scan pixel sizes it saw, so that inference can say when a scan lies outside it
+    cfg["PIXEL_MM"], cfg["CROP_MM"] = settings["pixel_mm"], settings["crop_mm"]
+    cfg["CONTEXT_MM"] = settings["context_mm"]
+    cfg["PIXEL_MM_RANGE"] = settings.get("pixel_mm_range")
     cfg["CONTEXT_SLICES"] = int(train.context_slices)
     cfg["INPUT_SHAPE"] = list(train.image_shape)
     configurator.save_config(cfg, folder)
 
-    state, initial_epoch = {}, 0
+    state, initial_epoch, history = {}, 0, []
     last = os.path.join(folder, "last.keras")
+    model = None
     if RESUME and os.path.isfile(last):
         import nasnet_v2  # noqa: F401  (registers the loss and metric)
         model = keras.saving.load_model(last)
-        state = json.load(open(os.path.join(folder, "state.json")))
-        initial_epoch = state["epoch"] + 1
-        print(f"resuming from {last}: epoch {initial_epoch + 1}, best val dice {state.get('best_val_dice', 0):.3f}")
-    else:
-        if RESUME:
-            print(f"RESUME=1 but {last} does not exist: starting from scratch")
+        state, history = recover_checkpoint(folder, model)
+        if state is None:
+            print(f"RESUME=1 but {folder}/state.json does not match {last}: starting from scratch")
+            state, history, model = {}, [], None
+        else:
+            initial_epoch = state["epoch"] + 1
+            print(f"resuming from {last}: epoch {initial_epoch + 1}, best val dice {state.get('best_val_dice', 0):.3f}")
+    elif RESUME:
+        print(f"RESUME=1 but {last} does not exist: starting from scratch")
+    clean_tmp(folder)
+    if model is None:
         model = build_model(train.image_shape)
     if initial_epoch >= EPOCHS:
         print(f"nothing to do: {initial_epoch} of {EPOCHS} epochs done")
@@ -217,8 +292,7 @@ def main(argv=None):
     train.set_epoch(initial_epoch)
     print(f"training {VARIANT} on {len(train_idx)} slices ({len(train)} batches of {BATCH_SIZE}, input "
           f"{train.image_shape}), validating on {len(val_idx)}; {model.count_params():,} parameters")
-    callbacks = [make_callback(model, train_bn, val, folder, state, cfg),
-                 keras.callbacks.CSVLogger(os.path.join(folder, "history.csv"), append=initial_epoch > 0)]
+    callbacks = [make_callback(model, train_bn, val, folder, state, cfg, history)]
     try:
         import tensorboard  # noqa: F401
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(folder, "tensorboard"), write_graph=False))

@@ -1,17 +1,20 @@
-"""Stage 5: whole-scan inference, 3D nodule candidates, metrics, report and pictures.
+"""Stage 5: whole-scan inference, 3D nodule components and candidates, metrics, report and pictures.
 
 Reads
     WORK_DIR/1_preprocessed/<seriesuid>.h5   stage-1 scans: /hu, /lung_mask, /nodule_mask, /nodules, geometry
     WORK_DIR/3_split/split.json              the scans of each part (SCANS="test"; not needed for SCANS="all")
     WORK_DIR/4_model/best.keras              the network (or --MODEL=any.keras) and config.json beside it
-                                             (the CROP and CONTEXT_SLICES it was trained with)
+                                             (its input geometry: table.InputGeometry's PIXEL_MM, CROP_MM,
+                                             CONTEXT_MM, CONTEXT_SLICES, or raw pixels with CROP)
 Writes
     WORK_DIR/5_predictions/<seriesuid>.h5    /prob (Z, Y, X) nodule probability and /mask uint8 (Z, Y, X), in the
-                                             voxel grid of stage 1's /hu (uncropped: 0 outside the network's crop)
+                                             voxel grid of stage 1's /hu: the network's output mapped back from
+                                             its input grid (0 outside the area the input covers)
     WORK_DIR/5_predictions/<seriesuid>.nii.gz  the mask in the scan's geometry: opens over the CT in 3D Slicer
     WORK_DIR/6_report/metrics.json           every metric with its definition, overall and by nodule size
     WORK_DIR/6_report/nodules.csv            one row per truth nodule: found or not, Dice, diameter, probabilities
     WORK_DIR/6_report/candidates.csv         LUNA16 submission format: seriesuid, coordX, coordY, coordZ, probability
+                                             (every component of prob > CANDIDATE_THRESHOLD, <= MAX_CANDIDATES a scan)
     WORK_DIR/6_report/candidates_detail.csv  the same candidates with voxel center, size and TP / FP / ignored
     WORK_DIR/6_report/froc.png               the FROC curve (overall and by size) with the CPM
     WORK_DIR/6_report/pictures/              overlays of found, missed and false nodules; mip/ per-scan projections
@@ -23,12 +26,18 @@ Run
 
 A scan is read, predicted, written and evaluated, then dropped: memory does not grow with the number of
 scans. A scan that fails is reported in one line and skipped; the exit status is non-zero if any failed.
-A prediction file made by the same model file with the same settings is reused unless --OVERWRITE=1.
-The metric functions are plain numpy (``find_components``, ``match_candidates``, ``evaluate_scan``, ``froc``,
-``summarize``, ...): the report and the tests use these and nothing else.
+A prediction file made by the same model file with the same settings from the same stage-1 file (path, size,
+modification time) is reused unless --OVERWRITE=1.
+
+Two sets of 3D components come from a scan's probability: the mask's (prob > THRESHOLD: Dice, the operating
+point's sensitivity and false positives per scan) and the candidates (prob > CANDIDATE_THRESHOLD, scored by
+their maximum, at most MAX_CANDIDATES a scan: candidates.csv, FROC and CPM down to 8 FP/scan). Every metric is
+computed by metrics.py (numpy only; ``evaluate_scan`` here only measures a scan's volumes and hands the small
+results to it); the report and the tests use it and nothing else.
 """
 import contextlib
 import csv
+import glob
 import heapq
 import json
 import os
@@ -40,15 +49,21 @@ from scipy import ndimage
 
 import ct_io
 from configurator import configure, constants, save_config
+from metrics import (detect, dice_counts, match_candidates, nodule_dice, summarize, thesis_found,
+                     top_candidates)
+from metrics import dice  # noqa: F401  (nasnet_v2_train.py and older code import dice, dice_counts from here)
 
 # ----------------------------------------------------------------------------- settings
 WORK_DIR = "work"               # root of a run; every stage's folder is below it
 MODEL = ""                      # saved Keras model to evaluate; "" = WORK_DIR/4_model/best.keras
 PRED_DIR = ""                   # "" = WORK_DIR/5_predictions
 REPORT_DIR = ""                 # "" = WORK_DIR/6_report
-MODEL_CONFIG = ""               # the training constants (CROP, CONTEXT_SLICES); "" = config.json beside MODEL
+MODEL_CONFIG = ""               # the model's input geometry (PIXEL_MM, CROP_MM, CONTEXT_MM, ...); "" = config.json beside MODEL
 SCANS = "test"                  # "test" (or another part of 3_split/split.json), or "all" stage-1 scans
-THRESHOLD = 0.5                 # a voxel is nodule when its probability is above this
+THRESHOLD = 0.5                 # a voxel is nodule when its probability is above this (mask, Dice, operating point)
+CANDIDATE_THRESHOLD = 0.05      # candidates: components of prob above this; low, so the FROC reaches 8 FP/scan
+MAX_CANDIDATES = 100            # candidates kept per scan, the highest scored (LUNA16's evaluation keeps at most 100)
+CANDIDATE_PEAK = 0.5            # a candidate's center: center of mass of its voxels >= this fraction of its maximum
 LUNG_GATE = True                # probability outside the stage-1 lung mask is set to 0 (the network's input is 0 there)
 BINARIZE = "threshold"          # or "kmeans": the thesis's per-slice 2-cluster K-means + erosion (reproduction only)
 KMEANS_EROSION = 3              # BINARIZE="kmeans": side in pixels of the square erosion element (0 = none)
@@ -62,58 +77,15 @@ WRITE_NIFTI = True              # write each scan's mask as <seriesuid>.nii.gz i
 N_PICTURES = 8                  # overlay PNGs per kind: found, missed, false
 PICTURE_HALF = 32               # half-width in pixels of an overlay's crop (grown for large nodules)
 WRITE_MIP = True                # a maximum-intensity-projection montage of the probability per scan
-OVERWRITE = False               # recompute predictions even when a file from the same model and settings exists
+OVERWRITE = False               # recompute predictions even when one from the same model, settings, stage-1 file exists
 
 LUNG_WINDOW = (-1000, 400)      # HU range shown in pictures
-UNKNOWN_DIAMETER_MM = 10.0      # LUNA16's script: an annotation with diameter < 0 counts as 10 mm
-
-DEFINITIONS = {
-    "nodule_dice_found": "per-nodule Dice (as nodule_dice) averaged over the nodules found at the threshold "
-                         "(LUNA16 hit rule) only: how well the found nodules are outlined.",
-    "slice_dice": "2|P & T| / (|P| + |T|), pooled over every voxel of every slice of the evaluated scans; "
-                  "P = the predicted mask (prob > THRESHOLD, components of >= MIN_COMPONENT_VOXELS), "
-                  "T = the union of the truth nodule labels (excluded annotations are not labelled). "
-                  "1 when P and T are both empty.",
-    "slice_dice_nodule_slices": "the same pooled Dice, over only the slices holding truth nodule voxels.",
-    "nodule_dice": "for each truth nodule with a label: Dice between its label and the union of the predicted 3D "
-                   "components touching it (0 when none touches); mean over nodules.",
-    "sensitivity": "fraction of truth nodules found at the threshold: a nodule is found when the center of mass "
-                   "of a predicted 3D component lies within its radius (distance < diameter / 2 in world mm, "
-                   "LUNA16's rule). Each component is matched to the first annotation it hits (included before "
-                   "excluded ones); several components on one nodule find it once.",
-    "fp_per_scan": "predicted 3D components whose center hits no annotation, divided by the number of scans; "
-                   "components hitting an excluded annotation and second hits of a nodule are not counted.",
-    "sensitivity_thesis_rule": "the thesis's detection rule: a nodule is found when on a slice within +-1 of its "
-                               "center slice the predicted mask overlaps its label by more than 1 pixel.",
-    "froc": "LUNA16's FROC: candidates = the predicted 3D components of all scans, probability = the maximum "
-            "probability inside a component; a nodule's score is its highest hitting candidate (later hits are "
-            "ignored, not false positives), candidates on excluded annotations are ignored, every other "
-            "candidate is a false positive. Sensitivity vs false positives per scan as the threshold on the "
-            "candidates' probability falls; read at FROC_RATES by linear interpolation of the curve "
-            "(as LUNA16's script, np.interp), and the last sensitivity beyond the curve's end.",
-    "cpm": "Competition Performance Metric: mean of the FROC sensitivities at 1/8, 1/4, 1/2, 1, 2, 4, 8 false "
-           "positives per scan.",
-    "by_size": "the same metric over the truth nodules of one diameter bin (mm); for FROC/CPM the candidates "
-               "hitting nodules of other bins are ignored, false positives are those of the whole set.",
-}
 
 COMPONENT_DTYPE = np.dtype([("label", np.int32), ("n_voxels", np.int64), ("center_z", np.float64),
                             ("center_y", np.float64), ("center_x", np.float64), ("prob", np.float32)])
 
 
-# ----------------------------------------------------------------------------- metrics (pure numpy)
-
-def dice(intersection, n_pred, n_true):
-    """2 I / (P + T); 1.0 when both are empty."""
-    total = float(n_pred) + float(n_true)
-    return 1.0 if total == 0 else 2.0 * float(intersection) / total
-
-
-def dice_counts(pred, truth):
-    """(|P & T|, |P|, |T|) of two boolean arrays, as ints, for pooling over slices and scans."""
-    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
-    return int(np.count_nonzero(pred & truth)), int(np.count_nonzero(pred)), int(np.count_nonzero(truth))
-
+# ----------------------------------------------------------------------------- components and candidates
 
 def find_components(mask, prob, min_voxels=1, connectivity=3):
     """3D connected components of ``mask`` -> (labels int32 (Z, Y, X), components of COMPONENT_DTYPE).
@@ -127,12 +99,8 @@ def find_components(mask, prob, min_voxels=1, connectivity=3):
     comps = np.zeros(n, COMPONENT_DTYPE)
     for i, box in enumerate(ndimage.find_objects(labels)):
         inside = labels[box] == i + 1
-        count = int(np.count_nonzero(inside))
-        center = []
-        for axis in range(3):
-            profile = inside.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64)
-            center.append(box[axis].start + float(profile @ np.arange(len(profile))) / count)
-        comps[i] = (i + 1, count, *center, float(np.asarray(prob[box])[inside].max()))
+        comps[i] = (i + 1, int(np.count_nonzero(inside)), *_center(inside, box),
+                    float(np.asarray(prob[box])[inside].max()))
     keep = comps["n_voxels"] >= min_voxels
     if not keep.all():
         remap = np.zeros(n + 1, np.int32)
@@ -143,148 +111,82 @@ def find_components(mask, prob, min_voxels=1, connectivity=3):
     return labels, comps
 
 
-def match_candidates(cand_xyz, nodule_xyz, diameter_mm, excluded):
-    """Which annotation each candidate hits (LUNA16's rule) -> int array (N,), -1 = none.
-
-    A candidate hits an annotation when its world distance to the center is < diameter / 2 (mm). Like
-    LUNA16's script, annotations are tried included first, then excluded, each in table order, and a
-    candidate belongs to the first one it hits. Diameters < 0 (unknown) count as UNKNOWN_DIAMETER_MM."""
-    cand = np.asarray(cand_xyz, np.float64).reshape(-1, 3)
-    nod = np.asarray(nodule_xyz, np.float64).reshape(-1, 3)
-    hits = np.full(len(cand), -1, np.int64)
-    if len(cand) == 0 or len(nod) == 0:
-        return hits
-    diam = np.asarray(diameter_mm, np.float64).reshape(-1)
-    diam = np.where(diam < 0, UNKNOWN_DIAMETER_MM, diam)
-    inside = ((cand[:, None, :] - nod[None, :, :]) ** 2).sum(-1) < (diam / 2.0) ** 2
-    order = np.argsort(np.asarray(excluded).reshape(-1).astype(bool), kind="stable")
-    first = np.argmax(inside[:, order], axis=1)
-    any_hit = inside[:, order].any(axis=1)
-    hits[any_hit] = order[first[any_hit]]
-    return hits
+def _center(inside, box):
+    """Center of mass (z, y, x) in scan voxels of the True voxels of ``inside``, a crop at ``box``."""
+    count = float(np.count_nonzero(inside))
+    center = []
+    for axis in range(3):
+        profile = inside.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64)
+        center.append(box[axis].start + float(profile @ np.arange(len(profile))) / count)
+    return center
 
 
-def detect(hits, cand_prob, excluded):
-    """Candidates matched to annotations -> (found (M,), nodule score (M,), NaN if not found, is_fp (N,),
-    is_ignored (N,)).
+def find_candidates(prob, threshold=None, max_candidates=None, min_voxels=1, connectivity=3, peak=None):
+    """The candidates of one scan -> array of COMPONENT_DTYPE, highest probability first.
 
-    A nodule's score is the highest probability among the candidates hitting it; candidates on excluded
-    annotations are ignored; candidates hitting nothing are false positives. Excluded rows are never found."""
-    hits = np.asarray(hits, np.int64)
-    prob = np.asarray(cand_prob, np.float64).reshape(-1)
-    excluded = np.asarray(excluded).reshape(-1).astype(bool)
-    score = np.full(len(excluded), np.nan)
-    hit = hits >= 0
-    ignored = np.zeros(len(hits), bool)
-    ignored[hit] = excluded[hits[hit]]
-    tp = hit & ~ignored
-    for i in np.nonzero(tp)[0]:
-        score[hits[i]] = np.fmax(score[hits[i]], prob[i])
-    found = ~np.isnan(score)
-    return found, score, ~hit, ignored
-
-
-def nodule_dice(labels, nodule_mask, indices, comp_sizes=None):
-    """Per-nodule Dice: label k of ``nodule_mask`` vs the union of the components of ``labels`` touching it.
-    NaN for an index with no voxel in ``nodule_mask``. ``comp_sizes[j]`` = voxels of component j (index 0
-    unused), counted here when not given."""
-    out = np.full(len(indices), np.nan)
-    objects = ndimage.find_objects(np.asarray(nodule_mask))
-    if comp_sizes is None:
-        comp_sizes = np.bincount(np.asarray(labels).ravel())
-    comp_sizes = np.asarray(comp_sizes)
-    for j, k in enumerate(int(i) for i in indices):
-        if k < 1 or k > len(objects) or objects[k - 1] is None:
-            continue
-        box = objects[k - 1]
-        truth = nodule_mask[box] == k
-        inside = labels[box][truth]
-        touching = np.unique(inside[inside > 0])
-        out[j] = dice(np.count_nonzero(inside), comp_sizes[touching].sum(), np.count_nonzero(truth))
-    return out
-
-
-def thesis_found(mask, nodule_mask, index, center_z, min_overlap=1):
-    """The thesis's rule: on some slice within +-1 of the center slice, the mask overlaps label ``index`` by
-    more than ``min_overlap`` pixels."""
-    zc = int(round(float(center_z)))
-    for z in range(max(zc - 1, 0), min(zc + 2, mask.shape[0])):
-        if np.count_nonzero((mask[z] > 0) & (nodule_mask[z] == index)) > min_overlap:
-            return True
-    return False
-
-
-def size_bin(diameter_mm, edges=None):
-    """Name of the diameter bin: '<5', '5-10', '10-20', '>=20' for edges (5, 10, 20) (default SIZE_BINS)."""
-    edges = SIZE_BINS if edges is None else edges
-    names = size_bin_names(edges)
-    return names[int(np.searchsorted(np.asarray(edges, float), float(diameter_mm), side="right"))]
-
-
-def size_bin_names(edges=None):
-    edges = SIZE_BINS if edges is None else edges
-    fmt = lambda v: f"{float(v):g}"
-    return ([f"<{fmt(edges[0])}"] + [f"{fmt(a)}-{fmt(b)}" for a, b in zip(edges[:-1], edges[1:])]
-            + [f">={fmt(edges[-1])}"])
-
-
-def interp_curve(x, fps, sens):
-    """Sensitivity at false-positive rates ``x`` on a curve whose ``fps`` never decreases: linear between the
-    last point at or left of x and the next one (at a rate the curve reaches exactly, its best sensitivity
-    there); beyond the end, the last sensitivity. The same numbers as np.interp on LUNA16's curve."""
-    fps, sens = np.asarray(fps, np.float64), np.asarray(sens, np.float64)
-    out = []
-    for f in np.asarray(x, np.float64).reshape(-1):
-        if f >= fps[-1]:
-            out.append(sens[-1])
-            continue
-        j = int(np.searchsorted(fps, f, side="right")) - 1
-        f0, f1, s0, s1 = fps[j], fps[j + 1], sens[j], sens[j + 1]
-        out.append(s0 + (s1 - s0) * (f - f0) / (f1 - f0))
-    return np.asarray(out)
-
-
-def froc(nodule_scores, fp_probs, n_scans, rates=None):
-    """LUNA16's FROC.
-
-    nodule_scores: one per truth nodule, the highest probability of a candidate hitting it (NaN if none);
-    fp_probs: the probabilities of the false-positive candidates of all ``n_scans`` scans.
-    Returns dict: fps, sens (the curve, starting at (0, 0), one point per distinct probability, highest
-    first), thresholds, rates, sensitivities (at the rates), cpm (their mean); NaN sensitivities without nodules."""
-    rates = FROC_RATES if rates is None else rates
-    scores = np.asarray(nodule_scores, np.float64).reshape(-1)
-    fp = np.sort(np.asarray(fp_probs, np.float64).reshape(-1))
-    tp = np.sort(scores[~np.isnan(scores)])
-    n_nodules = len(scores)
-    thresholds = np.unique(np.concatenate([tp, fp]))[::-1]
-    n_tp = len(tp) - np.searchsorted(tp, thresholds, side="left")
-    n_fp = len(fp) - np.searchsorted(fp, thresholds, side="left")
-    fps = np.concatenate([[0.0], n_fp / float(n_scans)])
-    sens = np.concatenate([[0.0], n_tp / float(n_nodules)]) if n_nodules else np.full(len(fps), np.nan)
-    at = interp_curve(rates, fps, sens)
-    return {"fps": fps, "sens": sens, "thresholds": thresholds, "rates": np.asarray(rates, np.float64),
-            "sensitivities": at, "cpm": float(np.mean(at))}
+    Candidates are the 3D components of prob > ``threshold`` (default CANDIDATE_THRESHOLD) of at least
+    ``min_voxels`` voxels, each scored by the maximum probability inside it; at most ``max_candidates``
+    (default MAX_CANDIDATES) are kept, the highest scored, by LUNA16's rule (metrics.top_candidates). A
+    candidate's center is the center of mass of its voxels with probability >= ``peak`` (default
+    CANDIDATE_PEAK) times its maximum, so a faint halo or a touching vessel does not pull it off its nodule;
+    n_voxels counts the whole component; label is its number among the components at that threshold."""
+    threshold = CANDIDATE_THRESHOLD if threshold is None else threshold
+    max_candidates = MAX_CANDIDATES if max_candidates is None else max_candidates
+    peak = CANDIDATE_PEAK if peak is None else peak
+    prob = np.asarray(prob)
+    structure = ndimage.generate_binary_structure(3, connectivity)
+    labels, n = ndimage.label(prob > threshold, structure=structure)
+    if n == 0:
+        return np.zeros(0, COMPONENT_DTYPE)
+    fg = labels > 0
+    lab = labels[fg]
+    sizes = np.bincount(lab, minlength=n + 1)[1:]
+    scores = np.full(n + 1, -np.inf)
+    np.maximum.at(scores, lab, prob[fg])             # each component's maximum (ndimage.maximum: 100x slower)
+    scores = scores[1:]
+    big = np.nonzero(sizes >= min_voxels)[0]
+    chosen = big[top_candidates(scores[big], max_candidates)]
+    chosen = chosen[np.argsort(-scores[chosen], kind="stable")]
+    boxes = ndimage.find_objects(labels)
+    cands = np.zeros(len(chosen), COMPONENT_DTYPE)
+    for i, j in enumerate(chosen):
+        box = boxes[j]
+        p = np.asarray(prob[box], np.float64)
+        inside = labels[box] == j + 1
+        core = inside & (p >= peak * scores[j])
+        cands[i] = (j + 1, int(sizes[j]), *_center(core if core.any() else inside, box), scores[j])
+    return cands
 
 
 def evaluate_scan(prob, mask, nodule_mask, nodules, origin, spacing, direction, seriesuid="",
-                  min_voxels=1, connectivity=3, components=None):
-    """One scan's prediction against its truth -> dict of small, poolable results (no volumes):
-    seriesuid; components (COMPONENT_DTYPE); cand_world (N, 3) x, y, z mm; hits, is_fp, is_ignored (N,);
-    nodules: one dict per included truth nodule; dice_counts (all slices) and dice_counts_nodule_slices.
-    ``components`` = (labels, comps) from find_components, to skip labelling again."""
+                  min_voxels=1, connectivity=3, components=None, candidates=None):
+    """One scan's prediction against its truth -> dict of small, poolable results (no volumes), the input of
+    metrics.summarize: seriesuid; components (COMPONENT_DTYPE, the mask's 3D components) with component_world
+    (N, 3) x, y, z mm, is_fp, is_ignored (N,); candidates (the FROC's, COMPONENT_DTYPE) with candidate_world,
+    candidate_is_fp, candidate_is_ignored; nodules: one dict per included truth nodule; dice_counts (all slices)
+    and dice_counts_nodule_slices. ``components`` = (labels, comps) from find_components, to skip labelling
+    again; ``candidates`` from find_candidates (found here from ``prob`` with this file's settings if not given)."""
     prob = np.asarray(prob)
     mask = np.asarray(mask) > 0
     nodule_mask = np.asarray(nodule_mask)
     nodules = np.asarray(nodules, dtype=ct_io.NODULE_DTYPE).reshape(-1)
     labels, comps = components if components is not None else find_components(mask, prob, min_voxels, connectivity)
+    if candidates is None:
+        candidates = find_candidates(prob, min_voxels=min_voxels, connectivity=connectivity)
     mask = labels > 0
-    centers = np.stack([comps["center_z"], comps["center_y"], comps["center_x"]], axis=1)
-    cand_world = ct_io.voxel_to_world(centers, origin, spacing, direction).reshape(-1, 3)
     nod_world = np.stack([nodules["world_x"], nodules["world_y"], nodules["world_z"]], axis=1)
     excluded = nodules["excluded"].astype(bool)
-    hits = match_candidates(cand_world, nod_world, nodules["diameter_mm"], excluded)
-    found, score, is_fp, is_ignored = detect(hits, comps["prob"], excluded)
-    n_hits = np.bincount(hits[hits >= 0], minlength=len(nodules)) if len(nodules) else np.zeros(0, int)
+
+    def world(c):
+        centers = np.stack([c["center_z"], c["center_y"], c["center_x"]], axis=1)
+        return ct_io.voxel_to_world(centers, origin, spacing, direction).reshape(-1, 3)
+
+    comp_world, cand_world = world(comps), world(candidates)
+    hits = match_candidates(comp_world, nod_world, nodules["diameter_mm"])
+    found, _, is_fp, is_ignored = detect(hits, comps["prob"], excluded)
+    cand_hits = match_candidates(cand_world, nod_world, nodules["diameter_mm"])
+    _, score, cand_fp, cand_ignored = detect(cand_hits, candidates["prob"], excluded)
+    n_hits = hits.sum(axis=0)
     included = np.nonzero(~excluded)[0]
     dices = nodule_dice(labels, nodule_mask, nodules["index"][included],
                         np.concatenate([[0], comps["n_voxels"]]))
@@ -306,78 +208,17 @@ def evaluate_scan(prob, mask, nodule_mask, nodules, origin, spacing, direction, 
                      "label_voxels": n_truth,
                      "found": bool(found[m]), "n_hits": int(n_hits[m]),
                      "found_thesis_rule": bool(box is not None and thesis_found(mask, nodule_mask, k, n["center_z"])),
-                     "dice": float(dices[j]), "max_prob": max_prob, "candidate_prob": float(score[m])})
+                     "dice": float(dices[j]), "max_prob": max_prob, "candidate_prob": float(score[m]),
+                     "found_by_candidate": bool(np.isfinite(score[m]))})
     truth_all = nodule_mask > 0
     with_truth = np.nonzero(truth_all.any(axis=(1, 2)))[0]
-    return {"seriesuid": seriesuid, "components": comps, "cand_world": cand_world, "hits": hits,
-            "is_fp": is_fp, "is_ignored": is_ignored, "nodules": rows,
+    return {"seriesuid": seriesuid, "components": comps, "component_world": comp_world,
+            "is_fp": is_fp, "is_ignored": is_ignored,
+            "candidates": candidates, "candidate_world": cand_world, "candidate_is_fp": cand_fp,
+            "candidate_is_ignored": cand_ignored, "nodules": rows,
             "n_excluded": int(excluded.sum()),
             "dice_counts": dice_counts(mask, truth_all),
             "dice_counts_nodule_slices": dice_counts(mask[with_truth], truth_all[with_truth])}
-
-
-def summarize(results, size_edges=None, rates=None):
-    """Per-scan results of evaluate_scan (all scans) -> (the metrics dict written to metrics.json, FROC curves
-    overall and by size). Defaults: SIZE_BINS, FROC_RATES."""
-    size_edges = SIZE_BINS if size_edges is None else size_edges
-    rates = FROC_RATES if rates is None else rates
-    n_scans = len(results)
-    nod = [r for res in results for r in res["nodules"]]
-    fp_probs = np.concatenate([res["components"]["prob"][res["is_fp"]] for res in results]) if results else np.zeros(0)
-    n_fp = int(len(fp_probs))
-    n_ignored = int(sum(int(res["is_ignored"].sum()) for res in results))
-    n_cand = int(sum(len(res["components"]) for res in results))
-    pooled = np.sum([res["dice_counts"] for res in results], axis=0) if results else np.zeros(3)
-    pooled_ns = np.sum([res["dice_counts_nodule_slices"] for res in results], axis=0) if results else np.zeros(3)
-
-    def block(rows):
-        found = np.array([r["found"] for r in rows], bool)
-        thesis = np.array([r["found_thesis_rule"] for r in rows], bool)
-        dices = np.array([r["dice"] for r in rows], np.float64)
-        labelled = dices[~np.isnan(dices)]
-        found_dices = dices[found & ~np.isnan(dices)]
-        curve = froc([r["candidate_prob"] for r in rows], fp_probs, max(n_scans, 1), rates)
-        return {"n_nodules": len(rows), "n_found": int(found.sum()),
-                "sensitivity": float(found.mean()) if len(rows) else float("nan"),
-                "sensitivity_thesis_rule": float(thesis.mean()) if len(rows) else float("nan"),
-                "nodule_dice": float(labelled.mean()) if len(labelled) else float("nan"),
-                "n_labelled": int(len(labelled)),
-                "nodule_dice_found": float(found_dices.mean()) if len(found_dices) else float("nan"),
-                "froc_sensitivities": [float(s) for s in curve["sensitivities"]], "cpm": curve["cpm"],
-                "_curve": curve}
-
-    for r in nod:
-        r["size_bin"] = size_bin(r["diameter_mm"], size_edges)
-    overall = block(nod)
-    by_size = {name: block([r for r in nod if r["size_bin"] == name]) for name in size_bin_names(size_edges)}
-    fp_rate = n_fp / n_scans if n_scans else float("nan")
-    D = DEFINITIONS
-    metrics = {
-        "n_scans": n_scans, "n_nodules": overall["n_nodules"],
-        "n_excluded_annotations": int(sum(res["n_excluded"] for res in results)),
-        "n_candidates": n_cand, "n_false_positives": n_fp, "n_ignored_candidates": n_ignored,
-        "slice_dice": {"value": dice(*pooled), "intersection": int(pooled[0]), "pred_voxels": int(pooled[1]),
-                       "truth_voxels": int(pooled[2]), "definition": D["slice_dice"]},
-        "slice_dice_nodule_slices": {"value": dice(*pooled_ns), "definition": D["slice_dice_nodule_slices"]},
-        "nodule_dice": {"value": overall["nodule_dice"], "n_nodules": overall["n_labelled"],
-                        "by_size": {k: v["nodule_dice"] for k, v in by_size.items()}, "definition": D["nodule_dice"]},
-        "nodule_dice_found": {"value": overall["nodule_dice_found"],
-                              "by_size": {k: v["nodule_dice_found"] for k, v in by_size.items()},
-                              "definition": D["nodule_dice_found"]},
-        "sensitivity": {"value": overall["sensitivity"], "found": overall["n_found"], "total": overall["n_nodules"],
-                        "by_size": {k: {"value": v["sensitivity"], "found": v["n_found"], "total": v["n_nodules"]}
-                                    for k, v in by_size.items()}, "definition": D["sensitivity"]},
-        "fp_per_scan": {"value": fp_rate, "n_false_positives": n_fp, "definition": D["fp_per_scan"]},
-        "sensitivity_thesis_rule": {"value": overall["sensitivity_thesis_rule"],
-                                    "by_size": {k: v["sensitivity_thesis_rule"] for k, v in by_size.items()},
-                                    "definition": D["sensitivity_thesis_rule"]},
-        "froc": {"fp_rates": [float(r) for r in rates], "sensitivities": overall["froc_sensitivities"],
-                 "by_size": {k: v["froc_sensitivities"] for k, v in by_size.items()}, "definition": D["froc"]},
-        "cpm": {"value": overall["cpm"], "by_size": {k: v["cpm"] for k, v in by_size.items()}, "definition": D["cpm"]},
-        "size_bins_mm": list(size_bin_names(size_edges)), "by_size_definition": D["by_size"],
-    }
-    curves = {"all": overall["_curve"], **{k: v["_curve"] for k, v in by_size.items()}}
-    return metrics, curves
 
 
 # ----------------------------------------------------------------------------- binarisation
@@ -447,9 +288,11 @@ def rebuild_model(model, input_shape):
 
 
 class Predictor:
-    """The network, loaded on first use, and the network-input settings (CROP, CONTEXT_SLICES) it was
-    trained with: from ``config_path`` (default config.json beside the model), else from the slice table's
-    attributes (WORK_DIR/2_table/slices.h5), else table.py's defaults and the model's input channels."""
+    """The network, loaded on first use, and the input geometry it was trained with (table.InputGeometry:
+    PIXEL_MM, CROP_MM, CONTEXT_MM, or raw pixels with CROP; CONTEXT_SLICES): from ``config_path`` (default
+    config.json beside the model), else from the slice table's attributes (WORK_DIR/2_table/slices.h5), else
+    table.py's raw-pixel defaults and the model's input channels. A raw-pixel model (PIXEL_MM = 0) applied to
+    a scan whose pixels are outside the range it was trained on (PIXEL_MM_RANGE) is named in one line."""
 
     def __init__(self, model_path, config_path="", table_path=""):
         import table
@@ -459,16 +302,27 @@ class Predictor:
         if "CROP" not in cfg and table_path and os.path.isfile(table_path):
             cfg = {k.upper(): v for k, v in table.table_settings(table_path).items()}
         self.crop = int(cfg.get("CROP", table.CROP))
+        self.pixel_mm = float(cfg.get("PIXEL_MM", 0.0))           # models from before millimetre input: raw pixels
+        self.crop_mm = float(cfg.get("CROP_MM", 0.0))
+        self.context_mm = float(cfg.get("CONTEXT_MM", 0.0))
+        self.pixel_range = cfg.get("PIXEL_MM_RANGE")               # raw-pixel models: pixel sizes trained on
         self.context = int(cfg["CONTEXT_SLICES"]) if "CONTEXT_SLICES" in cfg else None   # None: the model's channels
         self._context_cfg = self.context
         self._loaded, self._models = None, {}
         self.load_seconds = 0.0           # time spent loading / rebuilding the model (not inference)
+        self.outside_range = []           # scans a raw-pixel model was applied to outside its pixel range
 
     def signature(self):
         """What identifies a prediction: the model file (path, size, time) and the input settings."""
         st = os.stat(self.model_path)
         return {"model": os.path.abspath(self.model_path), "model_bytes": st.st_size,
-                "model_mtime_ns": st.st_mtime_ns, "crop": self.crop, "context_slices": self._context_cfg}
+                "model_mtime_ns": st.st_mtime_ns, "crop": self.crop, "context_slices": self._context_cfg,
+                "pixel_mm": self.pixel_mm, "crop_mm": self.crop_mm, "context_mm": self.context_mm}
+
+    def geometry(self, shape, spacing=None):
+        """The table.InputGeometry of a scan of ``shape`` (Z, Y, X) and (x, y, z) ``spacing`` for this model."""
+        return self.table.InputGeometry(shape, spacing, self.crop, self.context or 1, self.pixel_mm,
+                                        self.crop_mm, self.context_mm)
 
     def model_for(self, hw):
         """A model taking (h, w) slices: the saved one when its input size is free or equal, else rebuilt."""
@@ -499,20 +353,45 @@ class Predictor:
             self.load_seconds += time.perf_counter() - t0
         return self._models[hw]
 
-    def predict(self, hu, lung_mask, batch_size=8):
-        """Nodule probability float32 (Z, Y, X) on the scan's full grid (0 outside the crop), and the crop box
-        as (row slice, column slice). The inputs come from table.volume_inputs (the table's own code)."""
-        y0, x0, h, w = self.table.crop_box(hu.shape, self.crop)
-        box = (slice(y0, y0 + h), slice(x0, x0 + w))
-        model = self.model_for((h, w))
+    def _check_pixels(self, spacing):
+        """One line when a raw-pixel model meets a scan whose pixel size it was not trained on (> 10 % off)."""
+        if self.pixel_mm > 0 or not self.pixel_range or spacing is None:
+            return
+        lo, hi = (float(v) for v in self.pixel_range)
+        from tqdm import tqdm
+        px = float(spacing[0])
+        if not 0.9 * lo <= px <= 1.1 * hi:
+            if not self.outside_range:
+                tqdm.write(f"{self.model_path}: a raw-pixel model (PIXEL_MM=0) trained on {lo:.2f}-{hi:.2f} mm "
+                           f"pixels is applied to {px:.2f} mm pixels: nodules look {px and lo / px:.1f}-"
+                           f"{px and hi / px:.1f}x their training size (retrain with PIXEL_MM > 0)", file=sys.stderr)
+            self.outside_range.append(px)
+
+    def predict(self, hu, lung_mask, batch_size=8, spacing=None, lung_slices_only=False):
+        """Nodule probability float32 (Z, Y, X) on the scan's full voxel grid (0 outside what the input covers)
+        and the scan pixels the input covers as (row slice, column slice). The inputs come from
+        table.volume_inputs (the table's own code); the output is mapped back by the same InputGeometry.
+        ``lung_slices_only``: slices without lung inside the input's box are not predicted (0), which is what
+        the lung gate would make of them anyway."""
+        self._check_pixels(spacing)
+        g = self.geometry(hu.shape, spacing)
+        y0, x0, bh, bw = g.box
+        box = (slice(y0, y0 + bh), slice(x0, x0 + bw))
+        model = self.model_for((g.h, g.w))
         prob = np.zeros(hu.shape, np.float32)
-        for z0, x in self.table.volume_inputs(hu, lung_mask, self.crop, self.context, batch_size):
+        slices = None
+        if lung_slices_only:
+            slices = np.nonzero(np.asarray(lung_mask[:, box[0], box[1]]).reshape(hu.shape[0], -1).any(axis=1))[0]
+            if not len(slices):
+                return prob, box
+        for zs, x in self.table.volume_inputs(hu, lung_mask, self.crop, self.context, batch_size, spacing,
+                                              self.pixel_mm, self.crop_mm, self.context_mm, slices):
             y = np.asarray(model.predict_on_batch(x))
             if y.ndim == 4:
                 y = y[..., 1] if y.shape[-1] >= 2 else y[..., 0]
-            if y.shape[1:] != (h, w):
-                raise ValueError(f"model output {y.shape[1:]} differs from its input {(h, w)}")
-            prob[z0:z0 + len(y), box[0], box[1]] = y
+            if y.shape[1:] != (g.h, g.w):
+                raise ValueError(f"model output {y.shape[1:]} differs from its input {(g.h, g.w)}")
+            prob[zs] = np.clip(g.to_scan(y), 0.0, 1.0)
         return prob, box
 
 
@@ -677,7 +556,7 @@ class PictureBook:
 
 def write_mip(path, hu, prob, nodules, comps, seriesuid, spacing):
     """Axial and coronal maximum-intensity projections of the probability over the mean CT (lung window);
-    truth centers circled green, predicted components' centers marked red. Coronal: z drawn upwards, to scale."""
+    truth centers circled green, the mask's components' centers marked cyan. Coronal: z drawn upwards, to scale."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -703,7 +582,7 @@ def write_mip(path, hu, prob, nodules, comps, seriesuid, spacing):
             ax.plot(c["center_x"], c["center_y"] if axis == 0 else c["center_z"], "x", color="cyan", ms=6)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"{seriesuid}: probability MIP (>= 0.05), truth (green o), candidates (cyan x)", fontsize=9)
+    fig.suptitle(f"{seriesuid}: probability MIP (>= 0.05), truth (green o), components (cyan x)", fontsize=9)
     with atomic(path) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
@@ -729,7 +608,8 @@ def write_froc(path, curves, metrics):
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("false positives per scan")
     ax.set_ylabel("sensitivity")
-    ax.set_title(f"FROC over {metrics['n_scans']} scans, {metrics['n_nodules']} nodules", fontsize=10)
+    ax.set_title(f"FROC over {metrics['froc']['n_scans']} scans, {metrics['n_nodules']} nodules, "
+                 f"{metrics['n_candidates']} candidates", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     with atomic(path) as tmp:
@@ -761,6 +641,13 @@ def read_stage1(path):
     return scan
 
 
+def file_signature(path):
+    """What identifies a stage-1 file for the prediction cache: its path, size and modification time (ns); a
+    preprocess rerun writes a new file, so old predictions are not reused for it."""
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def process_scan(path, predictor, pred_dir, book, mip_dir):
     """Predict (or reuse), write and evaluate one scan -> (evaluate_scan's result, seconds of inference or None)."""
     scan = read_stage1(path)
@@ -771,8 +658,8 @@ def process_scan(path, predictor, pred_dir, book, mip_dir):
     out = os.path.join(pred_dir, f"{uid}.h5")
     key = json.dumps({**predictor.signature(), "threshold": THRESHOLD, "binarize": BINARIZE,
                       "kmeans_erosion": KMEANS_EROSION, "min_component_voxels": MIN_COMPONENT_VOXELS,
-                      "connectivity": CONNECTIVITY, "prob_dtype": PROB_DTYPE, "lung_gate": LUNG_GATE},
-                     sort_keys=True)
+                      "connectivity": CONNECTIVITY, "prob_dtype": PROB_DTYPE, "lung_gate": LUNG_GATE,
+                      "stage1": file_signature(path)}, sort_keys=True)
     seconds, prob = None, None
     if not OVERWRITE and os.path.isfile(out):
         try:
@@ -783,7 +670,7 @@ def process_scan(path, predictor, pred_dir, book, mip_dir):
             prob = None
     if prob is None:
         t0, load0 = time.perf_counter(), predictor.load_seconds
-        prob, box = predictor.predict(hu, lung, BATCH_SIZE)
+        prob, box = predictor.predict(hu, lung, BATCH_SIZE, spacing, lung_slices_only=LUNG_GATE)
         if LUNG_GATE:
             prob[lung == 0] = 0.0
         seconds = time.perf_counter() - t0 - (predictor.load_seconds - load0)
@@ -802,8 +689,10 @@ def process_scan(path, predictor, pred_dir, book, mip_dir):
         labels, comps = find_components(mask, prob, MIN_COMPONENT_VOXELS, CONNECTIVITY)
     if WRITE_NIFTI:
         write_mask_image(os.path.join(pred_dir, f"{uid}.nii.gz"), mask, origin, spacing, direction)
+    cands = find_candidates(prob, CANDIDATE_THRESHOLD, MAX_CANDIDATES, MIN_COMPONENT_VOXELS, CONNECTIVITY,
+                            CANDIDATE_PEAK)
     res = evaluate_scan(prob, mask, scan["nodule_mask"], scan["nodules"], origin, spacing, direction, uid,
-                        components=(labels, comps))
+                        components=(labels, comps), candidates=cands)
     res["n_slices"] = int(hu.shape[0])
     nod = scan["nodules"]
     incl = nod[nod["excluded"] == 0]
@@ -819,12 +708,12 @@ def process_scan(path, predictor, pred_dir, book, mip_dir):
                    f"false positive: {uid}\n{c['n_voxels']} voxels, prob {c['prob']:.2f}")
     if WRITE_MIP:
         write_mip(os.path.join(mip_dir, f"{uid}.png"), hu, prob, nod, comps, uid, spacing)
-    res.pop("hits")
     return res, seconds
 
 
 def print_table(m):
-    """The metrics by nodule size as a plain-text table (what `make demo` ends with)."""
+    """The metrics by nodule size as plain-text tables (what `make demo` ends with): the operating point (the
+    mask at THRESHOLD), then the FROC over the candidates: sensitivity at each rate, CPM, candidate recall."""
     def f(v, pct=True):
         return "  n/a" if v is None or not np.isfinite(v) else (f"{100 * v:5.1f}%" if pct else f"{v:5.3f}")
     bins = m["size_bins_mm"]
@@ -838,8 +727,19 @@ def print_table(m):
         g = m["nodule_dice_found"]["by_size"][b] if b != "all" else m["nodule_dice_found"]["value"]
         print(f"{b:>14} {s['total']:>8} {s['found']:>6} {f(s['value']):>12} {f(d):>12} {f(g):>11} {f(t):>12} "
               f"{f(c, False):>6}")
-    print(f"false positives per scan {m['fp_per_scan']['value']:.2f}; slice Dice {f(m['slice_dice']['value'])} "
-          f"(pooled over all slices)")
+    print(f"false positives per scan {m['fp_per_scan']['value']:.2f} (at threshold {m.get('threshold')}); "
+          f"slice Dice {f(m['slice_dice']['value'])} (pooled over all slices)")
+    fr, rec = m["froc"], m["candidate_recall"]
+    rates = [f"{r:g}" if r >= 1 else f"1/{round(1 / r)}" for r in fr["fp_rates"]]
+    print(f"FROC: sensitivity at false positives per scan ({m['n_candidates']} candidates of prob > "
+          f"{m.get('candidate_threshold')}, <= {m.get('max_candidates')} a scan; {fr['n_scans']} scans)")
+    print(f"{'diameter (mm)':>14} {'nodules':>8} " + " ".join(f"{r:>6}" for r in rates) + f" {'CPM':>6} {'recall':>7}")
+    for b in bins + ["all"]:
+        s = fr["by_size"][b] if b != "all" else fr["sensitivities"]
+        r = rec["by_size"][b] if b != "all" else rec
+        c = m["cpm"]["by_size"][b] if b != "all" else m["cpm"]["value"]
+        print(f"{b:>14} {r['total']:>8} " + " ".join(f"{f(v):>6}" for v in s) + f" {f(c, False):>6} "
+              f"{f(r['value']):>7}")
 
 
 def main(argv=None):
@@ -866,6 +766,11 @@ def _run(cfg):
     pic_dir, mip_dir = os.path.join(report_dir, "pictures"), os.path.join(report_dir, "pictures", "mip")
     for d in (pred_dir, report_dir, pic_dir, mip_dir):
         os.makedirs(d, exist_ok=True)
+    stale = [p for d in (pred_dir, report_dir, pic_dir, mip_dir) for p in glob.glob(os.path.join(d, ".*.tmp*"))]
+    for p in stale:                                    # atomic()'s temporary files, left by a killed run
+        os.remove(p)
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) left by an interrupted run", file=sys.stderr)
     paths = scan_list(WORK_DIR, SCANS)
     if not paths:
         raise SystemExit(f"no scans in part {SCANS!r} of {WORK_DIR}")
@@ -888,13 +793,18 @@ def _run(cfg):
         if seconds is not None:
             timing.append((seconds, res["n_slices"]))
         bar.set_postfix(nodules=sum(len(r["nodules"]) for r in results),
-                        cands=sum(len(r["components"]) for r in results))
+                        cands=sum(len(r["candidates"]) for r in results))
 
-    metrics, curves = summarize(results, SIZE_BINS, FROC_RATES)
+    metrics, curves = summarize(results, SIZE_BINS, FROC_RATES, n_failed=len(failed))
     metrics["model"] = os.path.abspath(model_path)
     metrics["scans"] = SCANS
     metrics["threshold"], metrics["binarize"] = THRESHOLD, BINARIZE
+    metrics["candidate_threshold"], metrics["max_candidates"] = CANDIDATE_THRESHOLD, MAX_CANDIDATES
     metrics["failed_scans"] = failed
+    metrics["input_geometry"] = {"pixel_mm": predictor.pixel_mm, "crop_mm": predictor.crop_mm,
+                                 "context_mm": predictor.context_mm, "crop": predictor.crop,
+                                 "context_slices": predictor.context, "trained_pixel_mm_range": predictor.pixel_range,
+                                 "scans_outside_trained_pixel_range": len(predictor.outside_range)}
     metrics["timing"] = {"definition": "seconds of inference per scan (network inputs + prediction, the first "
                                        "scan's graph tracing included, model loading not); peak resident memory "
                                        "of this process",
@@ -905,12 +815,14 @@ def _run(cfg):
                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
     write_json(os.path.join(report_dir, "metrics.json"), metrics)
     nodule_fields = ["seriesuid", "index", "world_x", "world_y", "world_z", "diameter_mm", "size_bin", "found",
-                     "found_thesis_rule", "n_hits", "dice", "max_prob", "candidate_prob", "label_voxels",
+                     "found_thesis_rule", "n_hits", "dice", "max_prob", "candidate_prob", "found_by_candidate",
+                     "label_voxels",
                      "center_z", "center_y", "center_x"]
     write_csv(os.path.join(report_dir, "nodules.csv"), [r for res in results for r in res["nodules"]], nodule_fields)
     cands, detail = [], []
     for res in results:
-        for c, xyz, fp, ign in zip(res["components"], res["cand_world"], res["is_fp"], res["is_ignored"]):
+        for c, xyz, fp, ign in zip(res["candidates"], res["candidate_world"], res["candidate_is_fp"],
+                                   res["candidate_is_ignored"]):
             row = {"seriesuid": res["seriesuid"], "coordX": f"{xyz[0]:.3f}", "coordY": f"{xyz[1]:.3f}",
                    "coordZ": f"{xyz[2]:.3f}", "probability": f"{float(c['prob']):.6f}"}
             cands.append(row)
@@ -928,12 +840,16 @@ def _run(cfg):
     def pct(v):
         return "n/a" if v is None or not np.isfinite(v) else f"{100 * v:.1f}%"
     m = metrics
+    cpm = "n/a (no nodules)" if m["cpm"]["value"] is None else f"{m['cpm']['value']:.3f}"
     print(f"{len(results)} scan(s), {m['n_nodules']} nodule(s): slice Dice {pct(m['slice_dice']['value'])}, "
           f"nodule Dice {pct(m['nodule_dice']['value'])}, sensitivity {pct(m['sensitivity']['value'])} at "
           f"{m['fp_per_scan']['value']:.2f} FP/scan (thesis rule {pct(m['sensitivity_thesis_rule']['value'])}), "
-          f"CPM {m['cpm']['value']:.3f} -> {report_dir}" if results else "no scan evaluated")
+          f"CPM {cpm} -> {report_dir}" if results else "no scan evaluated")
     if results:
         print_table(m)
+    if predictor.outside_range:
+        print(f"{len(predictor.outside_range)} scan(s) had pixels outside the raw-pixel model's trained range "
+              f"{predictor.pixel_range} mm: their results are not what the model would give at its own resolution")
     if failed:
         print(f"{len(failed)} scan(s) failed: " + "; ".join(os.path.basename(f["path"]) for f in failed))
         return 1

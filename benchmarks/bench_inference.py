@@ -1,6 +1,7 @@
 """Inference seconds per scan and peak memory of postprocess.py's predictor (the network over every slice of a
-512x512 scan at the thesis's 400x400 crop), for the figure-3 network (random weights: speed does not depend
-on them) and optionally the U-Net.
+512x512 scan, input geometry = table.py's defaults: PIXEL_MM mm pixels over CROP_MM mm, or the thesis's
+400x400 raw-pixel crop with --PIXEL_MM=0), for the figure-3 network (random weights: speed does not depend on
+them) and optionally the U-Net.
 
 Writes a synthetic 512 x 512 phantom (synthetic_ct.py) through stage 1 in a scratch folder, saves an
 untrained model per variant, and times postprocess.Predictor.predict on the scan in a fresh process each
@@ -22,6 +23,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 VARIANTS = ("figure3",)        # networks timed
 N_SLICES = 130                 # slices of the benchmark scan (512 x 512 each)
 BATCH_SIZE = 8                 # slices per prediction call (postprocess.py's default)
+PIXEL_MM = 0.7                 # network-input geometry written beside the model (table.py's meaning; 0 = raw pixels)
+CROP_MM = 300.0                # input side in mm (PIXEL_MM > 0)
+CONTEXT_SLICES = 3             # input channels (the demo's)
+CONTEXT_MM = 2.5               # channel distance in mm (PIXEL_MM > 0)
 OUT_DIR = os.path.join(ROOT, "benchmarks", "results")   # where bench_inference.json goes
 
 
@@ -35,23 +40,19 @@ def _child(work, model_path):
     scan = ct_io.read_scan_h5(path, arrays=("hu", "lung_mask"))
     predictor = postprocess.Predictor(model_path)
     t0 = time.perf_counter()
-    predictor.model_for(postprocess_box(scan["hu"].shape))
+    spacing = scan["attrs"]["spacing"]
+    g = predictor.geometry(scan["hu"].shape, spacing)
+    predictor.model_for((g.h, g.w))
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    prob, _ = predictor.predict(scan["hu"], scan["lung_mask"], BATCH_SIZE)
+    prob, _ = predictor.predict(scan["hu"], scan["lung_mask"], BATCH_SIZE, spacing)
     first_s = time.perf_counter() - t0                       # includes tracing the predict function once
     t0 = time.perf_counter()
-    predictor.predict(scan["hu"], scan["lung_mask"], BATCH_SIZE)
+    predictor.predict(scan["hu"], scan["lung_mask"], BATCH_SIZE, spacing)
     second_s = time.perf_counter() - t0
     print("RESULT " + json.dumps({"load_s": load_s, "first_scan_s": first_s, "scan_s": second_s,
                                   "s_per_slice": second_s / scan["hu"].shape[0], "shape": list(scan["hu"].shape),
                                   "peak_rss_mb": peak_mb()}))
-
-
-def postprocess_box(shape):
-    import table
-    _, _, h, w = table.crop_box(shape, 0)
-    return (h, w)
 
 
 def main(argv=None):
@@ -68,8 +69,11 @@ def main(argv=None):
         for variant in VARIANTS:
             model_path = os.path.join(work, f"{variant}.keras")
             build = (f"import sys; sys.path.insert(0, {ROOT!r}); import nasnet_v2 as n; "
-                     f"n.get_model((400, 400, 1), variant={variant!r}).save({model_path!r})")
+                     f"n.get_model((400, 400, {CONTEXT_SLICES}), variant={variant!r}).save({model_path!r})")
             subprocess.run([sys.executable, "-c", build], check=True)
+            with open(os.path.join(work, "config.json"), "w") as f:      # what training would record
+                json.dump({"CROP": 0, "CONTEXT_SLICES": CONTEXT_SLICES, "PIXEL_MM": PIXEL_MM, "CROP_MM": CROP_MM,
+                           "CONTEXT_MM": CONTEXT_MM}, f)
             p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", work, model_path],
                                capture_output=True, text=True)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 
 RUNS = ("demo=work/demo/6_report",)   # NAME=REPORT_DIR pairs, in table order
 OUT = ""                               # also write the table to this file ("" = print only)
+FROC_AT = (1.0, 2.0, 4.0, 8.0)         # FP/scan rates of the by-size FROC table
 
 
 def _pct(v):
@@ -56,6 +57,11 @@ def run_row(name, report_dir):
         "infer_s_per_scan": m["timing"]["seconds_per_scan"],
         "n_scans": m["n_scans"],
         "n_nodules": m["n_nodules"],
+        "fp_rates": m["froc"]["fp_rates"],
+        "froc": dict(m["froc"]["by_size"], all=m["froc"]["sensitivities"]),
+        "cpm_by_size": dict(m["cpm"]["by_size"], all=m["cpm"]["value"]),
+        "recall": {**{b: v["value"] for b, v in m["candidate_recall"]["by_size"].items()},
+                   "all": m["candidate_recall"]["value"]} if "candidate_recall" in m else {},
     }
 
 
@@ -69,13 +75,28 @@ def table(rows):
         steps = "-" if r["steps"] is None else str(r["steps"])
         cells = ([r["run"], f"{r['variant']}, {r['input']}", f"{steps} ({r['train_min']:.1f})", f"{r['best_val_dice']:.3f}",
                   r["big_found"], _pct(r["big_dice_found"])] + [_pct(r["sens_by_size"][b]) for b in bins] +
-                 [_pct(r["sensitivity"]), f"{r['fp_per_scan']:.2f}", f"{r['cpm']:.3f}", _pct(r["slice_dice"]),
-                  f"{r['infer_s_per_scan']:.1f}"])
+                 [_pct(r["sensitivity"]), f"{r['fp_per_scan']:.2f}", "-" if r["cpm"] is None else f"{r['cpm']:.3f}",
+                  _pct(r["slice_dice"]), f"{r['infer_s_per_scan']:.1f}"])
         lines.append("| " + " | ".join(cells) + " |")
     n = {(r["n_scans"], r["n_nodules"]) for r in rows}
     note = (f"Test scans / nodules: {rows[0]['n_scans']} / {rows[0]['n_nodules']}" if len(n) == 1
             else "WARNING: the runs were tested on different scans: " + ", ".join(f"{r['run']} {r['n_scans']}/{r['n_nodules']}" for r in rows))
     return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def froc_table(rows, rates=FROC_AT):
+    """Sensitivity at some FROC rates (FP/scan over the candidates), CPM and candidate recall, by nodule size."""
+    bins = list(rows[0]["sens_by_size"]) + ["all"]
+    head = ["run", "size (mm)"] + [f"sens. @ {r:g} FP/scan" for r in rates] + ["CPM", "candidate recall"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        for b in bins:
+            sens = r["froc"].get(b)
+            cells = [r["run"], b] + [_pct(sens[r["fp_rates"].index(rate)]) if sens else "-" for rate in rates]
+            cpm = r["cpm_by_size"].get(b)
+            cells += ["-" if cpm is None else f"{cpm:.3f}", _pct(r["recall"].get(b))]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -89,7 +110,7 @@ def main(argv=None):
         if not os.path.isfile(os.path.join(folder, "metrics.json")):
             raise SystemExit(f"{name}: no metrics.json in {folder} (run postprocess.py first)")
         rows.append(run_row(name, folder))
-    md = table(rows)
+    md = table(rows) + "\n" + froc_table(rows)
     print(md)
     if OUT:
         os.makedirs(os.path.dirname(os.path.abspath(OUT)), exist_ok=True)

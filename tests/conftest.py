@@ -42,7 +42,7 @@ def run_stage(script, *args, work):
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory):
     """The whole pipeline, stages 0-5, on a tiny cohort (6 scans of 128 px) with the real figure-3 network
-    at 96 px, one short epoch. Returns (work dir, {stage: output})."""
+    at 96 px (2.5 mm pixels), one short epoch. Returns (work dir, {stage: output})."""
     work = str(tmp_path_factory.mktemp("pipeline"))
     out = {}
     out["synthetic"] = run_stage("synthetic_ct.py", "--N_SCANS=6", "--N_LIDC_SCANS=0", "--SEED=5", "--IMAGE_SIZE=128",
@@ -50,7 +50,8 @@ def pipeline_run(tmp_path_factory):
                                  "--SHAPE_LIBRARY_SCANS=4", "--NODULE_DIAMETER_MM=(8.0,25.0)", "--EMPTY_EVERY=0",
                                  work=work)
     out["preprocess"] = run_stage("preprocess.py", "--N_WORKERS=2", work=work)
-    out["table"] = run_stage("table.py", "--CROP=96", "--NEG_PER_SCAN=4", "--CONTEXT_SLICES=3", work=work)
+    out["table"] = run_stage("table.py", "--PIXEL_MM=2.5", "--CROP_MM=240", "--NEG_PER_SCAN=4", "--CONTEXT_SLICES=3",
+                             work=work)                                   # 96 px inputs of 2.5 mm pixels
     out["split"] = run_stage("slice_idx.py", "--TEST_FOLDS=()", "--VAL_FRACTION=0.2", "--TEST_FRACTION=0.2", work=work)
     out["train"] = run_stage("nasnet_v2_train.py", "--EPOCHS=1", "--STEPS_PER_EPOCH=3", "--BATCH_SIZE=4",
                              "--BN_REESTIMATE_BATCHES=2", "--VAL_MAX_BATCHES=2", work=work)

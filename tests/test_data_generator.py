@@ -33,7 +33,7 @@ def table_path(tmp_path_factory):
         make_stage1_scan(str(d / f"1.4.{i}.h5"), f"1.4.{i}", f"P{i}", size=128, n_z=12, seed=i,
                          nodules=((6, 60 + 3 * i, 55, 11.0), (4, 40, 85, 6.0)))
     table = importlib.reload(importlib.import_module("table"))
-    assert table.main([f"--WORK_DIR={work}", "--NEG_PER_SCAN=3"]) == 0
+    assert table.main([f"--WORK_DIR={work}", "--NEG_PER_SCAN=3", "--PIXEL_MM=0"]) == 0     # raw 100 px crops
     return str(work / "2_table" / "slices.h5")
 
 
@@ -175,7 +175,8 @@ def test_random_crops_hold_nodules(table_path):
 def test_context_channels(table_path, tmp_path):
     work = os.path.dirname(os.path.dirname(table_path))
     table = importlib.reload(importlib.import_module("table"))
-    assert table.main([f"--WORK_DIR={work}", f"--OUT_DIR={tmp_path}", "--NEG_PER_SCAN=1", "--CONTEXT_SLICES=3"]) == 0
+    assert table.main([f"--WORK_DIR={work}", f"--OUT_DIR={tmp_path}", "--NEG_PER_SCAN=1", "--CONTEXT_SLICES=3",
+                       "--PIXEL_MM=0"]) == 0
     ds = SliceTableDataset(str(tmp_path / "slices.h5"), np.arange(8), batch_size=4)
     x, y = ds[1]
     assert ds.image_shape == (100, 100, 3) and x.shape == (4, 100, 100, 3) and y.shape == (4, 100, 100, 2)
@@ -196,3 +197,74 @@ def test_short_epochs_take_the_start_of_each_epochs_order(table_path):
         for b in range(len(ds)):
             seen.update(int(r) for r in ds.batch_rows(b))
     assert len(set(firsts)) > 1 and len(seen) >= 0.9 * n
+
+
+@pytest.fixture(scope="module")
+def big_small_table(tmp_path_factory):
+    """Scans with one large nodule (15 slices) and one small one (3 slices) each, on different slices."""
+    work = tmp_path_factory.mktemp("bigsmall")
+    d = work / "1_preprocessed"
+    d.mkdir()
+    for i in range(3):
+        make_stage1_scan(str(d / f"1.5.{i}.h5"), f"1.5.{i}", f"P{i}", size=96, n_z=24, seed=i,
+                         nodules=((8, 48, 40, 10.0), (20, 40, 60, 2.0)))
+    table = importlib.reload(importlib.import_module("table"))
+    assert table.main([f"--WORK_DIR={work}", "--NEG_PER_SCAN=4", "--PIXEL_MM=0"]) == 0
+    return str(work / "2_table" / "slices.h5")
+
+
+def test_nodule_sampling_weighs_each_nodule_equally(big_small_table):
+    """SAMPLING='nodule': a 3-slice nodule is drawn as often as a 15-slice one (per slice: 1 in 6 of the
+    positive rows); NEG_FRACTION of the draws are negatives."""
+    import tables
+    with tables.open_file(big_small_table) as h5:
+        ids = h5.root.slices.col("nodule_ids")
+        n = len(ids)
+    small = (ids == 2).any(axis=1)
+    big = (ids == 1).any(axis=1)
+    assert small.sum() == 3 * 3 and big.sum() >= 4 * small.sum() and not (small & big).any()
+    shares = {}
+    for mode in ("slice", "nodule"):
+        ds = SliceTableDataset(big_small_table, np.arange(n), batch_size=4, sampling=mode, neg_fraction=0.3)
+        drawn = np.concatenate([ds.indexes[ds.order] for _ in range(30) if ds.on_epoch_end() or True])
+        pos = drawn[small[drawn] | big[drawn]]
+        shares[mode] = (small[pos].mean(), 1 - len(pos) / len(drawn))
+    assert shares["slice"][0] < 0.25                        # by slices: the large nodule dominates
+    assert 0.42 < shares["nodule"][0] < 0.58                # by nodules: half and half
+    assert abs(shares["nodule"][1] - 0.3) < 0.02            # negatives: NEG_FRACTION
+    with pytest.raises(ValueError, match="sampling"):
+        SliceTableDataset(big_small_table, np.arange(n), sampling="pixel")
+
+
+def test_nodule_sampling_crops_on_either_nodule_of_a_slice(tmp_path):
+    """Crops placed on a nodule pick one of the slice's nodules with equal chance, not by area; the other
+    crops land on a bright lung pixel (a vessel), not uniformly."""
+    work = tmp_path
+    d = work / "1_preprocessed"
+    d.mkdir()
+    make_stage1_scan(str(d / "1.6.h5"), "1.6", "P", size=128, n_z=6, seed=0,
+                     nodules=((3, 40, 30, 14.0), (3, 90, 100, 3.0)))
+    table = importlib.reload(importlib.import_module("table"))
+    assert table.main([f"--WORK_DIR={work}", "--NEG_PER_SCAN=0", "--PIXEL_MM=0"]) == 0
+    path = str(work / "2_table" / "slices.h5")
+    import tables
+    with tables.open_file(path) as h5:
+        row = int(np.argmax((h5.root.slices.col("nodule_ids") > 0).sum(axis=1)))
+    ds = SliceTableDataset(path, [row], batch_size=1, augment=False, crop=32, crop_nodule_p=1.0, sampling="nodule")
+    image, label = ds.read_rows([row])
+    small = label[0].copy()
+    small[:60], small[:, :60] = 0, 0                           # the 3-px nodule alone (the large one is up-left)
+    assert 0 < small.sum() < label[0].sum() / 10
+    rng = np.random.default_rng(0)
+    corners = [ds._crop_origin(None, image[0], label[0], rng) for _ in range(200)]
+    share_small = np.mean([small[y0:y0 + 32, x0:x0 + 32].sum() > 0 for y0, x0 in corners])
+    assert 0.35 < share_small < 0.65                          # by area it would be < 0.1
+    # the other crops: on a bright lung pixel off the nodules
+    ds_neg = SliceTableDataset(path, [row], batch_size=1, augment=False, crop=32, crop_nodule_p=0.0,
+                               sampling="nodule")
+    centre_ch = image[0][..., image.shape[-1] // 2]
+    lung_vals = centre_ch[(centre_ch != 0) & (label[0] == 0)]
+    for _ in range(20):
+        y0, x0 = ds_neg._crop_origin(None, image[0], label[0], rng)
+        crop = centre_ch[y0:y0 + 32, x0:x0 + 32] * (label[0][y0:y0 + 32, x0:x0 + 32] == 0)
+        assert crop.max() > np.percentile(lung_vals, 98)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import ct_io
+import metrics
 import postprocess as pp
 
 # Keras's own get_weights/set_weights trip numpy 2's copy-keyword deprecation; not this project's code
@@ -119,25 +120,29 @@ def test_outputs_and_grid(work):
     # the easy model finds every nodule, on the identity and on the flipped scan
     prob, mask, _ = pp.read_prediction(str(pred / "1.2.h5"))
     truth = ct_io.read_scan_h5(str(root / "1_preprocessed" / "1.2.h5"), arrays=("nodule_mask",))["nodule_mask"]
-    assert pp.dice(*pp.dice_counts(mask, truth > 0)) > 0.6
+    assert metrics.dice(*metrics.dice_counts(mask, truth > 0)) > 0.6
 
 
-def test_report(work):
+def test_report(work, capsys):
     root, rc = work
     rep = root / "6_report"
     for name in ("metrics.json", "nodules.csv", "candidates.csv", "candidates_detail.csv", "froc.png", "config.json"):
         assert (rep / name).is_file(), name
     m = json.loads((rep / "metrics.json").read_text())
     assert m["n_scans"] == 3 and m["n_nodules"] == 3 and m["n_excluded_annotations"] == 1
-    assert len(m["failed_scans"]) == 1 and "1.9.h5" in m["failed_scans"][0]["path"]
+    assert len(m["failed_scans"]) == 1 and "1.9.h5" in m["failed_scans"][0]["path"] and m["n_scans_failed"] == 1
+    assert m["fp_per_scan"]["n_scans"] == 4 and m["froc"]["n_scans"] == 4      # the failed scan counts in FP/scan
     assert m["sensitivity"]["value"] == 1.0 and m["fp_per_scan"]["value"] == 0.0
-    assert m["cpm"]["value"] == 1.0
+    assert m["cpm"]["value"] == 1.0 and m["froc"]["by_size"]["5-10"] == [1.0] * 7 and m["cpm"]["by_size"]["<5"] is None
+    assert m["candidate_recall"]["value"] == 1.0 and m["candidate_recall"]["by_size"]["10-20"]["total"] == 1
+    assert m["candidate_threshold"] == pp.CANDIDATE_THRESHOLD and m["max_candidates"] == pp.MAX_CANDIDATES
+    assert m["n_candidates"] == 3 and m["n_components"] == 3 and "two nodules" in m["froc"]["definition"]
     assert m["slice_dice"]["value"] > 0.6 and "definition" in m["slice_dice"]
     assert m["timing"]["scans_predicted"] == 3 and m["timing"]["seconds_per_scan"] > 0
     with open(rep / "nodules.csv") as f:
         nodules = list(csv.DictReader(f))
     assert len(nodules) == 3 and {r["seriesuid"] for r in nodules} == {"1.1", "1.2"}
-    assert all(r["found"] == "True" for r in nodules)
+    assert all(r["found"] == "True" and r["found_by_candidate"] == "True" for r in nodules)
     with open(rep / "candidates.csv") as f:
         reader = csv.reader(f)
         assert next(reader) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
@@ -152,13 +157,18 @@ def test_report(work):
     assert sorted(os.listdir(rep / "pictures" / "mip")) == ["1.1.png", "1.2.png", "1.3.png"]
     assert json.loads((rep / "config.json").read_text())["N_PICTURES"] == 2
     assert not [f for f in os.listdir(root / "5_predictions") if ".tmp" in f]
+    pp.print_table(m)                                          # the printed tables read metrics.json as written
+    out = capsys.readouterr().out
+    assert "1/8" in out and "recall" in out and out.count("100.0%") >= 7 + 3
 
 
 def test_rerun_reuses_predictions_and_all_scans(work):
     root, _ = work
     before = os.path.getmtime(root / "5_predictions" / "1.1.h5")
+    stale = root / "5_predictions" / ".1.1.tmp4242.h5"                  # what a kill -9 mid-write leaves
+    stale.write_bytes(b"half")
     rc = pp.main([f"--WORK_DIR={root}", "--SCANS=all", "--N_PICTURES=0", "--WRITE_MIP=0"])
-    assert rc != 0
+    assert rc != 0 and not stale.exists()
     m = json.loads((root / "6_report" / "metrics.json").read_text())
     assert m["n_scans"] == 4 and m["timing"]["scans_predicted"] == 1      # only 2.1 was new
     assert os.path.getmtime(root / "5_predictions" / "1.1.h5") == before
@@ -179,3 +189,37 @@ def test_model_with_fixed_input_size_is_rebuilt(tmp_path):
     hu = np.full((3, 64, 64), -800, np.int16)
     prob, box = pr.predict(hu, np.ones(hu.shape, np.uint8), batch_size=2)
     assert prob.shape == hu.shape and (box[0].stop - box[0].start, box[1].stop - box[1].start) == (50, 50)
+
+
+def test_newer_stage1_file_invalidates_the_cache(work):
+    """A preprocess rerun writes a new stage-1 file: the prediction made from the old one is not reused (the
+    cache key holds the stage-1 file's path, size and modification time), the other scans' predictions are."""
+    root, _ = work
+    stage1, pred = root / "1_preprocessed" / "1.3.h5", root / "5_predictions" / "1.3.h5"
+    old_key = json.loads(pp.read_prediction(str(pred))[2]["key"])
+    st = os.stat(stage1)
+    os.utime(stage1, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))     # as rewritten one second later
+    rc = pp.main([f"--WORK_DIR={root}", "--N_PICTURES=0", "--WRITE_MIP=0"])
+    assert rc != 0                                                        # 1.9 still fails
+    m = json.loads((root / "6_report" / "metrics.json").read_text())
+    assert m["timing"]["scans_predicted"] == 1                            # 1.3 only; 1.1 and 1.2 reused
+    new_key = json.loads(pp.read_prediction(str(pred))[2]["key"])
+    assert new_key["stage1"]["mtime_ns"] == old_key["stage1"]["mtime_ns"] + 10 ** 9
+    assert new_key["stage1"]["path"] == os.path.abspath(stage1) and new_key["stage1"]["bytes"] == st.st_size
+
+
+@pytest.mark.parametrize("variant", ["figure3", "figure3_stem"])
+def test_crop_trained_nasnet_is_rebuilt_for_whole_inputs(tmp_path, variant):
+    """A NASNet network trained on crops (fixed 64 px input) predicts 96 px inputs with the same weights: the
+    saved model is rebuilt by its variant name (a crop-trained model is usable at inference)."""
+    import nasnet_v2
+    model = nasnet_v2.get_model((64, 64, 1), variant=variant)
+    path = str(tmp_path / "crop.keras")
+    model.save(path)
+    (tmp_path / "config.json").write_text(json.dumps({"CROP": 96, "CONTEXT_SLICES": 1, "PIXEL_MM": 0}))
+    pr = pp.Predictor(path)
+    hu = np.full((2, 128, 128), -800, np.int16)
+    prob, box = pr.predict(hu, np.ones(hu.shape, np.uint8), batch_size=2)
+    assert prob.shape == hu.shape and pr.model_for((96, 96)).input_shape == (None, 96, 96, 1)
+    for a, b in zip(model.get_weights(), pr.model_for((96, 96)).get_weights()):
+        np.testing.assert_array_equal(a, b)
