@@ -53,7 +53,7 @@ IN_DIR = ""                    # stage-1 per-scan files; "" = WORK_DIR/1_preproc
 OUT_DIR = ""                   # "" = WORK_DIR/2_table
 OUT_NAME = "slices.h5"         # the table's file name inside OUT_DIR
 PIXEL_MM = 0.7                 # network-input pixel size in mm (slices resampled to it); 0 = the scan's raw pixels (thesis)
-CROP_MM = 300.0                # side of the square network input in mm (PIXEL_MM > 0), on the slice's centre
+CROP_MM = 300.0                # side of the square network input in mm (PIXEL_MM > 0; rounded up to 32-px blocks: 448 px)
 CROP = 0                       # PIXEL_MM=0 only: side of the input in raw px; 0 = the thesis's 57:457 scaled to the slice
 CONTEXT_SLICES = 1             # input channels: 1 = the slice (thesis); 3 = the slice and two neighbours along z
 CONTEXT_MM = 2.5               # PIXEL_MM > 0: distance in mm between neighbouring channels (interpolated between slices)
@@ -113,7 +113,7 @@ class InputGeometry:
     """Where the network input of one scan comes from: the in-plane grid and the slices behind each channel.
 
     PIXEL_MM > 0 (millimetre input): every slice resampled to square pixels of ``pixel_mm`` over a square of
-    ``crop_mm`` mm on the slice's centre (the thesis's raw crop is centred half a pixel off it, which would
+    ``crop_mm`` mm (rounded up to a multiple of 32 pixels) on the slice's centre (the thesis's raw crop is centred half a pixel off it, which would
     shift a flipped scan's input by a pixel); channel c of slice z taken ``(c - C // 2) * context_mm`` mm
     from it along z, linearly interpolated between the two nearest slices (clamped to the volume). A model
     trained so sees a nodule of a given size in millimetres at one size in pixels, whatever the scan.
@@ -132,7 +132,8 @@ class InputGeometry:
             if crop_mm <= 0:
                 raise ValueError(f"CROP_MM must be > 0 with PIXEL_MM > 0, got {crop_mm}")
             sx, sy, sz = (float(v) for v in spacing)
-            side = max(int(round(crop_mm / self.pixel_mm)), 1)
+            # whole 32-pixel blocks: the network halves its input five times (NASNet's taps need exact sizes)
+            side = max(int(np.ceil(round(crop_mm / self.pixel_mm, 6) / 32.0)) * 32, 32)
             axes = []
             for n, s in ((n_y, sy), (n_x, sx)):
                 step = self.pixel_mm / s                                      # input pixels per output pixel

@@ -59,10 +59,20 @@ def _centre_slice(geom):
     return int(round(ct_io.world_to_voxel(np.array([NODULE_XYZ]), origin, spacing, direction)[0][0]))
 
 
-def _blob_centre(x):
-    """Centroid (row, col) of the pixels brighter than midway between the lung and the brightest pixel."""
-    lung_level = np.median(x[x != 0])
-    m = x > (lung_level + x.max()) / 2
+def _expected_pixel(side, pixel_mm, flipped=False):
+    """Where the nodule's centre must be on the input grid: world (x, y) mm from the field of view's centre
+    (world 0, 0 here), in input pixels from the grid's centre; a flipped scan's arrays run the other way."""
+    d = -1.0 if flipped else 1.0
+    return np.array([d * NODULE_XYZ[1], d * NODULE_XYZ[0]]) / pixel_mm + (side - 1) / 2.0
+
+
+def _blob_centre(x, near, r=12):
+    """Centroid (row, col) of the pixels within r px of ``near`` brighter than midway between the lung's level
+    and the brightest pixel there (the lung's edge elsewhere is bright too)."""
+    rows, cols = np.ogrid[:x.shape[0], :x.shape[1]]
+    window = (rows - near[0]) ** 2 + (cols - near[1]) ** 2 <= r * r
+    vals = x[window & (x != 0)]
+    m = window & (x > (np.median(vals) + vals.max()) / 2)
     return np.argwhere(m).mean(axis=0)
 
 
@@ -72,11 +82,12 @@ def test_same_input_at_two_resolutions(two_resolutions):
     (hu_a, lung_a, g_a), (hu_b, lung_b, g_b) = two_resolutions
     xa = table.network_input(hu_a, lung_a, _centre_slice(g_a), spacing=g_a[1], **SETTINGS)
     xb = table.network_input(hu_b, lung_b, _centre_slice(g_b), spacing=g_b[1], **SETTINGS)
-    assert xa.shape == xb.shape == (429, 429, 3)
+    assert xa.shape == xb.shape == (448, 448, 3)                # 300 mm / 0.7 mm, up to 32-px blocks
     xb = xb[::-1, ::-1]                                        # undo the flip: same orientation as the first
     # the nodule: brightest lung structure, at the same input pixel in both (within a pixel)
-    pa, pb = _blob_centre(xa[..., 1]), _blob_centre(xb[..., 1])
-    assert np.abs(pa - pb).max() <= 0.5
+    want = _expected_pixel(xa.shape[0], SETTINGS["pixel_mm"])
+    pa, pb = _blob_centre(xa[..., 1], want), _blob_centre(xb[..., 1], want)
+    assert np.abs(pa - want).max() <= 0.5 and np.abs(pb - want).max() <= 0.5
     # whole pictures: the same up to resampling of edges (lung border, nodule rim)
     diff = np.abs(xa - xb)
     assert np.median(diff) < 0.02 and np.mean(diff > 0.5) < 0.02
@@ -97,7 +108,8 @@ def test_input_grid_maps_back_to_world(two_resolutions):
         z = _centre_slice((origin, spacing, direction))
         x = table.network_input(hu, lung, z, spacing=spacing, **SETTINGS)[..., 1]
         marker = np.zeros((1, g.h, g.w), np.float32)
-        marker[(0,) + tuple(np.round(_blob_centre(x)).astype(int))] = 1.0
+        near = _expected_pixel(g.h, SETTINGS["pixel_mm"], flipped=direction[0] < 0)
+        marker[(0,) + tuple(np.round(_blob_centre(x, near)).astype(int))] = 1.0
         back = g.to_scan(marker)[0]
         assert back.shape == hu.shape[1:]
         yx = np.argwhere(back > 0).mean(axis=0)              # the input pixel's footprint on the scan grid
