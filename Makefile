@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED := 1
 # The demo preset, chosen for a 2-core CPU (<= 25 minutes): a synthetic LUNA16-format cohort at the geometry of
 # real scans (512 x 512 px, 0.55-0.95 mm pixels, slices 1-2.5 mm apart), the network input in millimetres
 # (table.py's PIXEL_MM=0.7 over CROP_MM=300, three channels CONTEXT_MM=2.5 mm apart), training on crops of
-# 192 px (TRAIN_CROP: a step costs what it did at 256 px) and whole 429 px inputs at inference, 320 training
+# 192 px (TRAIN_CROP: a step costs what it did at 256 px) and whole 448 px inputs at inference, 320 training
 # steps (a fixed number, so that the result does not depend on the machine's speed; MAX_MINUTES is a safety stop).
 DEMO_WORK ?= work/demo
 # Up to 16 nodules per scan, no empty scans, 30 % of the patients tested: a test part of 42 nodules (7 scans),
@@ -21,6 +21,12 @@ DEMO_SPLIT ?= "--TEST_FOLDS=()" --VAL_FRACTION=0.15 --TEST_FRACTION=0.3
 DEMO_TRAIN ?= --VARIANT=figure3 --BATCH_SIZE=8 --EPOCHS=8 --STEPS_PER_EPOCH=40 --MAX_MINUTES=25 --LR=0.001 --TRAIN_CROP=192 \
               --BN_REESTIMATE_BATCHES=4 --VAL_MAX_BATCHES=8
 DEMO_POST ?= --SCANS=test "--SIZE_BINS=(5.0,10.0)" --MIN_COMPONENT_VOXELS=3
+# Stage 6 (fp_reduction.py): its hard negatives are stage 5's false candidates on the training and validation scans,
+# so stage 5 runs once more over every scan (the test scans' predictions are reused from 5_predictions); then a small
+# 3D network on 24^3 patches of 1.25 mm (30 mm), a fixed number of steps, rescoring the test part's candidates.
+DEMO_POST_ALL ?= $(DEMO_POST) --SCANS=all --REPORT_DIR=$(DEMO_WORK)/6_report_all --N_PICTURES=0 --WRITE_MIP=0 --WRITE_NIFTI=0
+DEMO_FP ?= --TRAIN_CANDIDATES=$(DEMO_WORK)/6_report_all/candidates.csv --PATCH_MM=30 --VOXEL_MM=1.25 --WIDTH=16 \
+           --EPOCHS=6 --STEPS_PER_EPOCH=50 --BATCH_SIZE=32 --MAX_MINUTES=6 "--SIZE_BINS=(5.0,10.0)"
 # the U-Net gets the figure-3 demo's training wall time on this machine, not its number of steps:
 # BASELINE_MINUTES defaults to the train_seconds of the demo's model (its epochs, graph tracing included,
 # as both networks are timed; validation and checkpoints excluded), read from 4_model/state.json
@@ -60,6 +66,8 @@ demo-data: install
 demo: demo-data
 	$(call stage,4 train,nasnet_v2_train.py,DEMO_TRAIN)
 	$(call stage,5 postprocess,postprocess.py,DEMO_POST)
+	$(call stage,5 postprocess every scan (stage 6 training candidates),postprocess.py,DEMO_POST_ALL)
+	$(call stage,6 false-positive reduction,fp_reduction.py,DEMO_FP)
 	@echo "stage times (s):"; cat $(DEMO_WORK)/stage_times.txt
 	@echo "report: $(DEMO_WORK)/6_report (metrics.json, nodules.csv, candidates.csv, froc.png, pictures/)"
 

@@ -113,8 +113,8 @@ class InputGeometry:
     """Where the network input of one scan comes from: the in-plane grid and the slices behind each channel.
 
     PIXEL_MM > 0 (millimetre input): every slice resampled to square pixels of ``pixel_mm`` over a square of
-    ``crop_mm`` mm (rounded up to a multiple of 32 pixels) on the slice's centre (the thesis's raw crop is centred half a pixel off it, which would
-    shift a flipped scan's input by a pixel); channel c of slice z taken ``(c - C // 2) * context_mm`` mm
+    ``crop_mm`` mm (rounded up to a multiple of 32 pixels) on the slice's centre (the thesis's raw crop is
+    centred half a pixel off it, which would shift a flipped scan's input by a pixel); channel c of slice z taken ``(c - C // 2) * context_mm`` mm
     from it along z, linearly interpolated between the two nearest slices (clamped to the volume). A model
     trained so sees a nodule of a given size in millimetres at one size in pixels, whatever the scan.
     PIXEL_MM = 0 (the thesis's raw pixels): ``crop_box`` px of the slice itself, channels = neighbouring slices.

@@ -457,3 +457,10 @@ def test_froc_cpm_equal_luna16_computefroc():
         compared += 1
     assert compared > 200
     assert worst <= 1e-12, worst
+
+
+def test_no_scan_evaluated_gives_no_dice():
+    """Every scan failed: no Dice of 1.0 made up from two empty sets, no CPM; the failed scans are counted."""
+    m, _ = metrics.summarize([], n_failed=3)
+    assert m["slice_dice"]["value"] is None and m["slice_dice_nodule_slices"]["value"] is None
+    assert m["cpm"]["value"] is None and m["n_scans_failed"] == 3 and m["n_nodules"] == 0
