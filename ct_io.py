@@ -2,6 +2,8 @@
 
 Every stage and test goes through this module:
 - ``read_mhd(path)``: a LUNA16 ``.mhd/.raw`` volume with SimpleITK.
+- ``read_image(path)``: any CT volume file SimpleITK reads (.mhd/.mha, .nii/.nii.gz, .nrrd/.nhdr); NIfTI's
+  RAS orientation comes back as ITK's LPS origin and direction (SimpleITK converts), like every other format.
 - ``read_dicom_series(folder)``: a DICOM series with pydicom (slices sorted along the slice normal,
   RescaleSlope/Intercept, padding conventions, several series in one folder told apart by
   SeriesInstanceUID, gaps in z refused or resampled, non-CT series refused).
@@ -34,9 +36,10 @@ class Scan:
     direction: tuple                  # 9 floats, row-major 3x3, columns = directions of the x, y, z index axes
     seriesuid: str
     patient_id: str = ""
-    source: str = ""                  # "luna16" / "lidc"
+    source: str = ""                  # "luna16" / "lidc" / "scans" (preprocess.py's DATASET)
     path: str = ""
     warnings: list = field(default_factory=list)
+    annotated: bool = True            # False: no annotation file was given (own scans): no truth, not "no nodules"
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -122,8 +125,27 @@ def _check_mhd_header(path):
                         f"({' x '.join(map(str, dims))} {head['ElementType']})")
 
 
+IMAGE_EXTENSIONS = (".mhd", ".mha", ".nii", ".nii.gz", ".nrrd", ".nhdr")   # volume files read_image takes
+
+
+def image_id(path):
+    """A volume file's scan id: its name without the extension (``a/b/scan.nii.gz`` -> ``scan``)."""
+    name = os.path.basename(path)
+    for ext in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
+        if name.lower().endswith(ext):
+            return name[:-len(ext)]
+    return os.path.splitext(name)[0]
+
+
 def read_mhd(path):
     """A LUNA16 scan (.mhd header + .raw data, already HU) -> Scan."""
+    return read_image(path, source="luna16")
+
+
+def read_image(path, source="scans"):
+    """A CT volume file SimpleITK reads (.mhd/.mha, .nii/.nii.gz, .nrrd/.nhdr), values in HU -> Scan with
+    ITK's (LPS) origin, spacing and direction; the scan id (seriesuid) is the file name without extension.
+    A 4-D file with one volume is read as 3-D; anything else that is not one 3-D grey-value volume is refused."""
     import SimpleITK as sitk
     if not os.path.isfile(path):
         raise ScanError(f"{path}: file not found")
@@ -135,6 +157,10 @@ def read_mhd(path):
         first = str(e).strip().splitlines()
         detail = next((ln for ln in first if "rror" in ln or "xception" in ln or "read" in ln.lower()), first[-1] if first else "")
         raise ScanError(f"{path}: unreadable image ({detail.strip()[:200]})") from None
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise ScanError(f"{path}: {img.GetNumberOfComponentsPerPixel()} values per voxel: not a grey-value CT volume")
+    if img.GetDimension() == 4 and img.GetSize()[3] == 1:
+        img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])     # a 4-D NIfTI of one volume
     if img.GetDimension() != 3:
         raise ScanError(f"{path}: expected a 3-D volume, got {img.GetDimension()}-D")
     arr = sitk.GetArrayFromImage(img)              # (z, y, x)
@@ -142,10 +168,10 @@ def read_mhd(path):
         bad = int(np.count_nonzero(~(np.abs(arr) <= MAX_ABS_HU)))      # NaN compares False: counted too
         if bad:
             raise ScanError(f"{path}: {bad} of {arr.size} voxels are NaN, infinite or beyond +-{MAX_ABS_HU} HU")
-    seriesuid = os.path.splitext(os.path.basename(path))[0]
+    seriesuid = image_id(path)
     return Scan(hu=to_hu(arr), origin=tuple(img.GetOrigin()), spacing=tuple(img.GetSpacing()),
                 direction=tuple(img.GetDirection()), seriesuid=seriesuid, patient_id=seriesuid,
-                source="luna16", path=path)
+                source=source, path=path)
 
 
 # ----------------------------------------------------------------------------- DICOM
@@ -155,6 +181,8 @@ def _dicom_headers(folder):
     files = sorted(f for f in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if os.path.isfile(f))
     headers, bad = [], []
     for f in files:
+        if os.path.basename(f).upper() == "DICOMDIR":   # a media directory (hospital exports), not an image
+            continue
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
         except Exception as e:                      # not DICOM, truncated header, ...
@@ -312,6 +340,7 @@ def write_scan_h5(path, scan, lung_mask, nodule_mask, nodules, constants=None):
         h5.create_table("/", "nodules", nodules, title="annotated nodules")
         a = h5.root._v_attrs
         a.seriesuid, a.patient_id, a.source = scan.seriesuid, scan.patient_id, scan.source
+        a.annotated = int(scan.annotated)           # 0: no annotations were given: no truth, not "no nodules"
         a.origin = np.asarray(scan.origin, np.float64)
         a.spacing = np.asarray(scan.spacing, np.float64)
         a.direction = np.asarray(scan.direction, np.float64)

@@ -10,6 +10,7 @@ TensorBoard logs in tensorboard/.
     python nasnet_v2_train.py                                   # thesis-like defaults
     python nasnet_v2_train.py --EPOCHS=50 --TRAIN_CROP=192      # crops of the slices, whole slices at inference
     python nasnet_v2_train.py --RESUME=1                        # continue a killed run from last.keras
+    python nasnet_v2_train.py --DISTRIBUTE=data_parallel        # BATCH_SIZE split over all GPUs of this machine
 
 Each epoch: the fit over the training batches (augmented, reshuffled per epoch with SEED), then the batch-
 normalisation statistics are re-estimated from BN_REESTIMATE_BATCHES training batches (Keras's NASNetMobile
@@ -67,10 +68,94 @@ JIT_COMPILE = False            # XLA compilation of the training step (see bench
 WORKERS = 2                    # threads computing batches (0 = in the training process)
 USE_MULTIPROCESSING = False    # processes instead of threads (each batch is then pickled back: slower here)
 LOG_EVERY = 0                  # print the loss every this many batches (0 = Keras's progress bar only)
+DISTRIBUTE = ""                # "" = one device; "data_parallel" = BATCH_SIZE split over all visible devices
+                               # (JAX: keras.distribution.DataParallel; TensorFlow: MirroredStrategy; see distribute())
+
+_DEVICES = 1                   # devices the global batch is split over (set by distribute())
 
 
 def out_dir():
     return OUT_DIR or os.path.join(WORK_DIR, "4_model")
+
+
+def distribute():
+    """Start DISTRIBUTE's device layout (before any model exists); return the number of devices.
+
+    "data_parallel" on the JAX backend: Keras's distribution API, keras.distribution.DataParallel over all
+    devices of this host (keras.distribution.initialize() is called when KERAS_DISTRIBUTION_JOB_ADDRESSES is
+    set, but a run over several hosts is refused until the data loader shards the table per host). A step is
+    one program over the global batch, so BN statistics and the batch-pooled GDL are the whole batch's.
+    On the TensorFlow backend: tf.distribute.MirroredStrategy over the GPUs (else the logical CPU devices),
+    set as the current strategy; each device runs its share, so the BN layers are synchronised and the loss
+    gathers the whole batch (gdl_wce_loss_global_batch): the step is again the one-device step."""
+    global _DEVICES
+    import nasnet_v2  # noqa: F401  (first: it sets TensorFlow's CPU allocator before any tensor exists)
+    import keras
+    if not DISTRIBUTE:
+        _DEVICES = 1
+    elif DISTRIBUTE != "data_parallel":
+        raise SystemExit(f"--DISTRIBUTE={DISTRIBUTE!r}: expected '' (one device) or 'data_parallel'")
+    elif keras.backend.backend() == "jax":
+        if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"):
+            keras.distribution.initialize()
+            import jax
+            if jax.process_count() > 1:        # SliceTableDataset feeds every process the same whole batch
+                raise SystemExit(f"DISTRIBUTE=data_parallel over {jax.process_count()} hosts: the slice table is not "
+                                 "sharded per host yet; use one host with several GPUs")
+        devices = keras.distribution.list_devices()
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        _DEVICES = len(devices)
+    elif keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+        tf.distribute.experimental_set_strategy(strategy)
+        _DEVICES = strategy.num_replicas_in_sync
+    else:
+        raise SystemExit(f"--DISTRIBUTE=data_parallel needs the jax or tensorflow backend, not {keras.backend.backend()}")
+    if BATCH_SIZE % _DEVICES:
+        raise SystemExit(f"--BATCH_SIZE={BATCH_SIZE} does not split over {_DEVICES} devices (use a multiple)")
+    return _DEVICES
+
+
+def undistribute():
+    """Back to one device (a second main() in one process, tests)."""
+    global _DEVICES
+    import keras
+    if DISTRIBUTE and keras.backend.backend() == "jax":
+        keras.distribution.set_distribution(None)
+    elif DISTRIBUTE and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+        tf.distribute.experimental_set_strategy(None)
+    _DEVICES = 1
+
+
+def _mirrored():
+    """True when TensorFlow splits each batch over several replicas (DISTRIBUTE on the TensorFlow backend)."""
+    import keras
+    if keras.backend.backend() != "tensorflow" or _DEVICES == 1:
+        return False
+    import tensorflow as tf
+    return tf.distribute.has_strategy()
+
+
+def _register_global_batch_loss():
+    """gdl_wce_loss over the global batch under MirroredStrategy: each replica gathers every replica's labels
+    and predictions (all_gather's gradient hands each replica its share back), so the GDL, pooled over the
+    batch, is the one-device loss. Each replica returns it divided by the replica count, as Keras expects
+    (it scales only per-sample losses itself, not a scalar one) before summing the replicas' gradients."""
+    import keras
+    import nasnet_v2
+
+    @keras.saving.register_keras_serializable(package="nodules")
+    def gdl_wce_loss_global_batch(y_true, y_pred):
+        import tensorflow as tf
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            y_true, y_pred = ctx.all_gather(y_true, axis=0), ctx.all_gather(y_pred, axis=0)
+            return nasnet_v2.gdl_wce_loss(y_true, y_pred) / ctx.num_replicas_in_sync
+        return nasnet_v2.gdl_wce_loss(y_true, y_pred)
+    return gdl_wce_loss_global_batch
 
 
 def build_model(image_shape):
@@ -89,8 +174,12 @@ def build_model(image_shape):
         raise SystemExit(f"OPTIMIZER must be 'adam' or 'sgd', not {OPTIMIZER!r}")
     if MIXED_PRECISION and _has_gpu():
         opt = keras.mixed_precision.LossScaleOptimizer(opt)
-    model.compile(optimizer=opt, loss=nasnet_v2.gdl_wce_loss, metrics=[nasnet_v2.dice_coef],
-                  jit_compile=JIT_COMPILE)
+    loss = nasnet_v2.gdl_wce_loss
+    if _mirrored():                                  # each replica sees its share: global BN and loss
+        for layer in nasnet_v2.batchnorm_layers(model):
+            layer.synchronized = True
+        loss = _register_global_batch_loss()
+    model.compile(optimizer=opt, loss=loss, metrics=[nasnet_v2.dice_coef], jit_compile=JIT_COMPILE)
     return model
 
 
@@ -110,10 +199,18 @@ def pooled_dice(model, dataset, max_batches=0):
         if max_batches and k >= max_batches:
             break
         x, y = dataset[k]
-        p = np.asarray(model.predict_on_batch(x))[..., 1] > 0.5
+        p = _predict(model, x)[..., 1] > 0.5
         i, a, b = dice_counts(p, y[..., 1] > 0.5)
         inter, n_pred, n_true = inter + i, n_pred + a, n_true + b
     return dice(inter, n_pred, n_true)
+
+
+def _predict(model, x):
+    """model.predict_on_batch(x), the batch padded to a multiple of the devices it is split over."""
+    pad = -len(x) % _DEVICES
+    if pad:
+        x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+    return np.asarray(model.predict_on_batch(x))[:len(x) - pad]
 
 
 def _write_history(path, rows):
@@ -230,6 +327,14 @@ def make_callback(model, train_bn, val, folder, state, cfg, history=None):
 
 def main(argv=None):
     cfg = configurator.configure(globals(), argv)
+    distribute()
+    try:
+        return _train(cfg)
+    finally:
+        undistribute()
+
+
+def _train(cfg):
     import nasnet_v2  # noqa: F401  (first: it sets TensorFlow's CPU allocator before any tensor exists)
     import keras
     from data_generator_sequence_table import SliceTableDataset
@@ -273,6 +378,8 @@ def main(argv=None):
     model = None
     if RESUME and os.path.isfile(last):
         import nasnet_v2  # noqa: F401  (registers the loss and metric)
+        if _mirrored():
+            _register_global_batch_loss()
         model = keras.saving.load_model(last)
         state, history = recover_checkpoint(folder, model)
         if state is None:
@@ -290,7 +397,8 @@ def main(argv=None):
         print(f"nothing to do: {initial_epoch} of {EPOCHS} epochs done")
         return 0
     train.set_epoch(initial_epoch)
-    print(f"training {VARIANT} on {len(train_idx)} slices ({len(train)} batches of {BATCH_SIZE}, input "
+    print(f"training {VARIANT} on {len(train_idx)} slices ({len(train)} batches of {BATCH_SIZE}"
+          f"{f' split over {_DEVICES} devices' if _DEVICES > 1 else ''}, input "
           f"{train.image_shape}), validating on {len(val_idx)}; {model.count_params():,} parameters")
     callbacks = [make_callback(model, train_bn, val, folder, state, cfg, history)]
     try:

@@ -16,13 +16,20 @@ Writes
     WORK_DIR/6_report/candidates.csv         LUNA16 submission format: seriesuid, coordX, coordY, coordZ, probability
                                              (every component of prob > CANDIDATE_THRESHOLD, <= MAX_CANDIDATES a scan)
     WORK_DIR/6_report/candidates_detail.csv  the same candidates with voxel center, size and TP / FP / ignored
+                                             ("no truth" for scans without annotations)
     WORK_DIR/6_report/froc.png               the FROC curve (overall and by size) with the CPM
-    WORK_DIR/6_report/pictures/              overlays of found, missed and false nodules; mip/ per-scan projections
+    WORK_DIR/6_report/pictures/              overlays of found, missed and false nodules (scans without annotations:
+                                             of the top candidates); mip/ per-scan projections
     WORK_DIR/6_report/config.json            the constants this run used
 Run
     python postprocess.py                               # the test part of WORK_DIR=work with its best model
     python postprocess.py --SCANS=all --MODEL=other.keras --WORK_DIR=/data/run1
     python postprocess.py --BINARIZE=kmeans             # the thesis's binarisation, for reproduction only
+    python postprocess.py --DASK_SCHEDULER=tcp://host:8786   # scans predicted on a dask cluster, report made here
+
+Scans without annotations (preprocess.py --DATASET=scans with no ANNOTATIONS: stage-1 attribute annotated=0) have
+no truth: their candidates are listed and drawn, metrics.json says "annotations": "none" and holds no sensitivity,
+false positives, Dice, FROC or CPM (a run mixing both kinds measures the annotated scans only).
 
 A scan is read, predicted, written and evaluated, then dropped: memory does not grow with the number of
 scans. A scan that fails is reported in one line and skipped; the exit status is non-zero if any failed.
@@ -37,11 +44,13 @@ results to it); the report and the tests use it and nothing else.
 """
 import contextlib
 import csv
+import functools
 import glob
 import heapq
 import json
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -78,6 +87,8 @@ N_PICTURES = 8                  # overlay PNGs per kind: found, missed, false
 PICTURE_HALF = 32               # half-width in pixels of an overlay's crop (grown for large nodules)
 WRITE_MIP = True                # a maximum-intensity-projection montage of the probability per scan
 OVERWRITE = False               # recompute predictions even when one from the same model, settings, stage-1 file exists
+DASK_SCHEDULER = ""             # "" = scans predicted here, one after another; "tcp://host:8786" = each scan a task on
+                                # that dask cluster (each worker loads the model once), the report made here
 
 LUNG_WINDOW = (-1000, 400)      # HU range shown in pictures
 
@@ -505,7 +516,8 @@ class PictureBook:
     bounded by N crops per kind, whatever the number of scans."""
 
     def __init__(self, n, half):
-        self.n, self.half, self.heaps, self.count = n, half, {"found": [], "missed": [], "false": []}, 0
+        self.n, self.half, self.count = n, half, 0
+        self.heaps = {"found": [], "missed": [], "false": [], "candidate": []}   # candidate: scans without truth
 
     def offer(self, kind, priority, hu, prob, mask, nodule_mask, center_zyx, spacing, diameter_mm, title):
         if self.n <= 0:
@@ -539,7 +551,8 @@ class PictureBook:
                     axes[0].plot(c[:, 1], c[:, 0], color="lime", lw=1.2)
                 for c in measure.find_contours(rec["mask"].astype(float), 0.5):
                     axes[0].plot(c[:, 1], c[:, 0], color="red", lw=1.2, ls="--")
-                axes[0].set_title("CT, truth (green), prediction (red)", fontsize=8)
+                axes[0].set_title("CT, prediction (red): no truth" if kind == "candidate" else
+                                  "CT, truth (green), prediction (red)", fontsize=8)
                 im = axes[1].imshow(rec["prob"], cmap="magma", vmin=0, vmax=1)
                 axes[1].set_title("nodule probability", fontsize=8)
                 fig.colorbar(im, ax=axes[1], fraction=0.046)
@@ -582,7 +595,8 @@ def write_mip(path, hu, prob, nodules, comps, seriesuid, spacing):
             ax.plot(c["center_x"], c["center_y"] if axis == 0 else c["center_z"], "x", color="cyan", ms=6)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"{seriesuid}: probability MIP (>= 0.05), truth (green o), components (cyan x)", fontsize=9)
+    fig.suptitle(f"{seriesuid}: probability MIP (>= 0.05), {'truth (green o), ' if keep else ''}components (cyan x)",
+                 fontsize=9)
     with atomic(path) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
@@ -694,7 +708,17 @@ def process_scan(path, predictor, pred_dir, book, mip_dir):
     res = evaluate_scan(prob, mask, scan["nodule_mask"], scan["nodules"], origin, spacing, direction, uid,
                         components=(labels, comps), candidates=cands)
     res["n_slices"] = int(hu.shape[0])
+    res["annotated"] = bool(int(a.get("annotated", 1)))      # 0: no annotations given: no truth to measure against
     nod = scan["nodules"]
+    if not res["annotated"]:
+        for c, xyz in zip(cands, res["candidate_world"]):
+            book.offer("candidate", float(c["prob"]), hu, prob, mask, scan["nodule_mask"],
+                       (c["center_z"], c["center_y"], c["center_x"]), spacing, 0.0,
+                       f"candidate: {uid}\nprob {c['prob']:.2f}, {c['n_voxels']} voxels, "
+                       f"world x, y, z {xyz[0]:.1f}, {xyz[1]:.1f}, {xyz[2]:.1f} mm (LPS)")
+        if WRITE_MIP:
+            write_mip(os.path.join(mip_dir, f"{uid}.png"), hu, prob, nod, comps, uid, spacing)
+        return res, seconds
     incl = nod[nod["excluded"] == 0]
     for r, n in zip(res["nodules"], incl):
         kind = "found" if r["found"] else "missed"
@@ -709,6 +733,107 @@ def process_scan(path, predictor, pred_dir, book, mip_dir):
     if WRITE_MIP:
         write_mip(os.path.join(mip_dir, f"{uid}.png"), hu, prob, nod, comps, uid, spacing)
     return res, seconds
+
+
+def no_truth_summary(results, n_failed=0):
+    """metrics.json for scans without annotations: what was found, and no figure that needs a truth."""
+    per_scan = {}
+    for r in results:
+        p = np.asarray(r["candidates"]["prob"], np.float64)
+        per_scan[r["seriesuid"]] = {"n_candidates": int(len(p)), "n_components": int(len(r["components"])),
+                                    "max_probability": float(p.max()) if len(p) else None}
+    return {"annotations": "none",
+            "note": "no annotations were given (preprocess.py --DATASET=scans without --ANNOTATIONS): there is no "
+                    "truth, so no sensitivity, false positives, Dice, FROC or CPM; candidates.csv lists what the "
+                    "network found (world mm, ITK's LPS), pictures/candidate_*.png the most probable ones",
+            "n_scans": len(results), "n_scans_failed": int(n_failed), "n_nodules": None,
+            "n_components": int(sum(len(r["components"]) for r in results)),
+            "n_candidates": int(sum(len(r["candidates"]) for r in results)),
+            "component_definition": "3D components of prob > THRESHOLD (the mask written to 5_predictions)",
+            "candidate_definition": "3D components of prob > CANDIDATE_THRESHOLD scored by their maximum "
+                                    "probability, at most MAX_CANDIDATES a scan (candidates.csv)",
+            "per_scan": per_scan}
+
+
+def _scan_results(bar, predictor, pred_dir, book, mip_dir, cfg):
+    """(path, a call returning process_scan's result or raising its error) per scan of ``bar`` (a tqdm over the
+    paths), in path order: computed here when the call is made, or, with DASK_SCHEDULER, by the cluster's
+    workers (_scan_on_worker), whose pictures, model loading time and pixel-range notes are added to
+    ``book`` and ``predictor`` here."""
+    if not DASK_SCHEDULER:
+        for path in bar:
+            yield path, functools.partial(process_scan, path, predictor, pred_dir, book, mip_dir)
+        return
+    from dask_tasks import run_on_cluster
+    paths, a = list(bar.iterable), os.path.abspath          # absolute paths: the workers' folder may differ
+    tasks = [(a(p), cfg, a(predictor.model_path), MODEL_CONFIG and a(MODEL_CONFIG),
+              a(os.path.join(WORK_DIR, "2_table", "slices.h5")), a(pred_dir), a(mip_dir)) for p in paths]
+    index = {t[0]: p for t, p in zip(tasks, paths)}
+    done, next_i = {}, 0
+    for task, out, err in run_on_cluster(DASK_SCHEDULER, _scan_on_worker, tasks, names=paths):
+        bar.update(1)
+        if err is None:
+            status, value, extra = out
+            _merge_pages(book, extra["pages"])
+            predictor.load_seconds += extra["load_seconds"]
+            predictor.outside_range += extra["outside_range"]
+            predictor.context = predictor.context if predictor.context is not None else extra["context"]
+        else:
+            status, value = "failed", err
+        done[index[task[0]]] = (status, value)
+        while next_i < len(paths) and paths[next_i] in done:     # in path order, as the local run
+            yield paths[next_i], functools.partial(_remote_outcome, *done.pop(paths[next_i]))
+            next_i += 1
+    bar.close()
+
+
+def _remote_outcome(status, value):
+    """A worker's outcome as the local call would have it: the result, or the one-line error raised again."""
+    if status == "exit":
+        raise SystemExit(value)
+    if status == "failed":
+        raise ct_io.ScanError(value)
+    return value
+
+
+_WORKER_PREDICTORS = {}         # on a dask worker: the Predictor of each model file, loaded once per worker process
+_WORKER_LOCK = threading.Lock()
+
+
+def _scan_on_worker(task):
+    """One scan on a dask worker: process_scan with the run's settings and this worker's cached model ->
+    (status 'done' / 'failed' / 'exit', (result, seconds) or the error line, the scan's pictures and notes)."""
+    path, cfg, model_path, model_config, table_path, pred_dir, mip_dir = task
+    globals().update(cfg)                             # the run's settings (THRESHOLD, ...) in this worker
+    st = os.stat(model_path)
+    key = (os.path.abspath(model_path), st.st_size, st.st_mtime_ns, model_config, table_path)
+    with _WORKER_LOCK:
+        if key not in _WORKER_PREDICTORS:
+            _WORKER_PREDICTORS[key] = Predictor(model_path, model_config, table_path)
+    predictor = _WORKER_PREDICTORS[key]
+    load0, outside0 = predictor.load_seconds, len(predictor.outside_range)
+    book = PictureBook(N_PICTURES, PICTURE_HALF)
+    try:
+        status, value = "done", process_scan(path, predictor, pred_dir, book, mip_dir)
+    except SystemExit as e:
+        status, value = "exit", str(e.code)
+    except Exception as e:
+        msg = " ".join(str(e).split())[:300]
+        status, value = "failed", msg if isinstance(e, ct_io.ScanError) else f"{path}: {type(e).__name__}: {msg}"
+    return status, value, {"pages": book.heaps, "load_seconds": predictor.load_seconds - load0,
+                           "outside_range": predictor.outside_range[outside0:], "context": predictor.context}
+
+
+def _merge_pages(book, pages):
+    """Offer a worker's kept picture crops (PictureBook.heaps) to ``book``: it keeps its N best of each kind."""
+    for kind, heap in pages.items():
+        for priority, _, rec in heap:
+            target = book.heaps[kind]
+            if book.n <= 0 or (len(target) >= book.n and priority <= target[0][0]):
+                continue
+            book.count += 1
+            item = (priority, book.count, rec)
+            heapq.heappush(target, item) if len(target) < book.n else heapq.heapreplace(target, item)
 
 
 def print_table(m):
@@ -778,9 +903,9 @@ def _run(cfg):
     book = PictureBook(N_PICTURES, PICTURE_HALF)
     results, failed, timing = [], [], []
     bar = tqdm(paths, desc="postprocess", unit="scan")
-    for path in bar:
+    for path, scan_result in _scan_results(bar, predictor, pred_dir, book, mip_dir, cfg):
         try:
-            res, seconds = process_scan(path, predictor, pred_dir, book, mip_dir)
+            res, seconds = scan_result()
         except SystemExit:
             raise
         except Exception as e:
@@ -795,7 +920,16 @@ def _run(cfg):
         bar.set_postfix(nodules=sum(len(r["nodules"]) for r in results),
                         cands=sum(len(r["candidates"]) for r in results))
 
-    metrics, curves = summarize(results, SIZE_BINS, FROC_RATES, n_failed=len(failed))
+    truth = [r for r in results if r["annotated"]]
+    if results and not truth:                          # no annotations at all: nothing to measure against
+        metrics, curves = no_truth_summary(results, len(failed)), None
+    else:
+        metrics, curves = summarize(truth, SIZE_BINS, FROC_RATES, n_failed=len(failed))
+        metrics["annotations"] = "given" if len(truth) == len(results) else "partial"
+        if len(truth) < len(results):
+            metrics["n_scans_without_annotations"] = len(results) - len(truth)
+            metrics["note"] = (f"{len(results) - len(truth)} scan(s) had no annotations: the metrics are over "
+                               f"the {len(truth)} annotated one(s); candidates.csv lists every scan's")
     metrics["model"] = os.path.abspath(model_path)
     metrics["scans"] = SCANS
     metrics["threshold"], metrics["binarize"] = THRESHOLD, BINARIZE
@@ -828,18 +962,28 @@ def _run(cfg):
             cands.append(row)
             detail.append({**row, "n_voxels": int(c["n_voxels"]), "center_z": f"{c['center_z']:.2f}",
                            "center_y": f"{c['center_y']:.2f}", "center_x": f"{c['center_x']:.2f}",
-                           "status": "FP" if fp else ("ignored" if ign else "TP")})
+                           "status": ("no truth" if not res["annotated"] else
+                                      "FP" if fp else ("ignored" if ign else "TP"))})
     fields = ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
     write_csv(os.path.join(report_dir, "candidates.csv"), cands, fields)
     write_csv(os.path.join(report_dir, "candidates_detail.csv"), detail,
               fields + ["n_voxels", "center_z", "center_y", "center_x", "status"])
-    write_froc(os.path.join(report_dir, "froc.png"), curves, metrics)
+    if curves is not None:
+        write_froc(os.path.join(report_dir, "froc.png"), curves, metrics)
+    elif os.path.exists(os.path.join(report_dir, "froc.png")):
+        os.remove(os.path.join(report_dir, "froc.png"))         # an earlier run's curve: not of these scans
     book.draw(pic_dir)
     save_config(cfg, report_dir)
 
     def pct(v):
         return "n/a" if v is None or not np.isfinite(v) else f"{100 * v:.1f}%"
     m = metrics
+    if curves is None:
+        print(f"{len(results)} scan(s) without annotations: {m['n_candidates']} candidate(s) in "
+              f"{os.path.join(report_dir, 'candidates.csv')} (world mm); no metrics (no truth)")
+        if failed:
+            print(f"{len(failed)} scan(s) failed: " + "; ".join(os.path.basename(f["path"]) for f in failed))
+        return 1 if failed else 0
     cpm = "n/a (no nodules)" if m["cpm"]["value"] is None else f"{m['cpm']['value']:.3f}"
     print(f"{len(results)} scan(s), {m['n_nodules']} nodule(s): slice Dice {pct(m['slice_dice']['value'])}, "
           f"nodule Dice {pct(m['nodule_dice']['value'])}, sensitivity {pct(m['sensitivity']['value'])} at "

