@@ -1,0 +1,267 @@
+"""Stage 6 (fp_reduction.py): patches at world coordinates (flipped scans too), edge padding, a tiny end-to-end
+run (training a few steps, then the score-only contract on a run it did not train on, and --RESUME=1), LUNA16's
+candidates_V2.csv format, and a failing scan. Hand-made stage-1 files (small, fast), no stage 2-5 needed: the
+stage-5 report is a candidates.csv and config.json written here."""
+import csv
+import importlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+import ct_io
+from ct_io import NODULE_DTYPE, Scan, write_scan_h5
+
+IDENTITY = (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
+FLIPPED = (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)
+
+
+def fresh():
+    import fp_reduction
+    return importlib.reload(fp_reduction)
+
+
+def world_grid(shape, origin, spacing, direction):
+    """World (x, y, z) of every voxel of a (Z, Y, X) volume -> (Z, Y, X, 3)."""
+    zyx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    return ct_io.voxel_to_world(zyx.astype(float), origin, spacing, direction).reshape(*shape, 3)
+
+
+def ball_volume(shape, origin, spacing, direction, balls, background=-850.0, noise=0.0, seed=0):
+    """HU volume with bright balls at world centres: balls = [(x, y, z, radius_mm, hu)]."""
+    rng = np.random.default_rng(seed)
+    w = world_grid(shape, origin, spacing, direction)
+    hu = np.full(shape, background) + (rng.normal(0, noise, shape) if noise else 0)
+    for x, y, z, r, v in balls:
+        hu[((w - np.array([x, y, z])) ** 2).sum(-1) <= r * r] = v
+    return np.clip(hu, -1024, 3071).astype(np.int16), w
+
+
+@pytest.mark.parametrize("direction", [IDENTITY, FLIPPED], ids=["identity", "flipped"])
+def test_patch_centre_at_world_coordinates(direction):
+    fp = fresh()
+    origin = (40.0, 30.0, -200.0) if direction == FLIPPED else (-40.0, -30.0, -200.0)
+    spacing = (0.7, 0.8, 2.0)
+    shape = (40, 110, 120)
+    centre = ct_io.voxel_to_world(np.array([20.3, 55.2, 60.7]), origin, spacing, direction)
+    marker = centre + np.array([9.0, 0.0, 0.0])            # +9 mm along world x: at patch x + 9
+    hu, _ = ball_volume(shape, origin, spacing, direction,
+                        [(*centre, 4.0, 100.0), (*marker, 2.0, 600.0)])
+    side = 25
+    patch = fp.extract_patches(hu, origin, spacing, direction, centre[None], side, 1.0)[0]
+    assert patch.shape == (side, side, side)
+    c = (side - 1) / 2
+    from scipy import ndimage
+    labels, _ = ndimage.label(patch > -300)
+    nodule = labels == labels[int(c), int(c), int(c)]          # the component at the centre (not the marker)
+    com = np.array(np.nonzero(nodule)).mean(axis=1)
+    assert np.allclose(com, c, atol=0.6), com                # the nodule at the patch centre (z, y, x)
+    assert patch[int(c), int(c), int(c)] > 0
+    bright = np.array(np.nonzero(patch > 350)).mean(axis=1)
+    assert np.allclose(bright, [c, c, c + 9], atol=0.8), bright   # world +x = patch +x, flipped or not
+
+
+def test_candidate_at_edge_is_padded():
+    fp = fresh()
+    origin, spacing = (10.0, 20.0, -100.0), (0.9, 0.9, 2.5)
+    shape = (12, 30, 30)
+    hu, _ = ball_volume(shape, origin, spacing, FLIPPED, [], background=-700, noise=30, seed=1)
+    corner = ct_io.voxel_to_world(np.array([0.0, 0.0, 0.0]), origin, spacing, FLIPPED)
+    beyond = ct_io.voxel_to_world(np.array([-20.0, 40.0, 45.0]), origin, spacing, FLIPPED)
+    patches = fp.extract_patches(hu, origin, spacing, FLIPPED, np.stack([corner, beyond]), 16, 1.0)
+    assert patches.shape == (2, 16, 16, 16)
+    assert np.isfinite(patches).all()
+    assert patches.min() >= hu.min() - 1e-3 and patches.max() <= hu.max() + 1e-3   # edge voxels repeated
+    c = 7.5
+    assert abs(patches[0][8, 8, 8] - hu[0, 0, 0]) < 80          # near the corner voxel's value
+    x = fp.uint8_to_input(fp.to_uint8(patches, fp.HU_WINDOW))
+    assert x.min() >= -1 and x.max() <= 1 and c
+
+
+# ----------------------------------------------------------------------------- a tiny cohort of stage-1 files
+
+def make_scan(path, uid, seed, flipped):
+    """A 24 x 64 x 64 stage-1 file: lung-like noise, a box lung mask, 2 nodules (balls), 1 excluded annotation,
+    and 2 vessels (long bright tubes along z: the false positives). Returns (nodule rows, vessel points)."""
+    rng = np.random.default_rng(seed)
+    direction = FLIPPED if flipped else IDENTITY
+    spacing = (1.4, 1.4, 2.5)
+    shape = (24, 64, 64)
+    origin = (45.0, 45.0, -150.0) if flipped else (-45.0, -45.0, -150.0)
+    vox = lambda zyx: ct_io.voxel_to_world(np.asarray(zyx, float), origin, spacing, direction)
+    nod = [vox((rng.uniform(7, 17), rng.uniform(18, 46), rng.uniform(18, 46))) for _ in range(2)]
+    radii = rng.uniform(3.5, 6.0, 2)
+    hu, w = ball_volume(shape, origin, spacing, direction, [(*c, r, 30.0) for c, r in zip(nod, radii)],
+                        noise=40, seed=seed)
+    vessels = []
+    for _ in range(2):
+        y, x = rng.uniform(15, 49, 2)
+        p = vox((12.0, y, x))
+        tube = ((w[..., :2] - p[:2]) ** 2).sum(-1) <= 2.0 ** 2
+        hu[tube] = 20
+        vessels.append(p)
+    lung = np.zeros(shape, np.uint8)
+    lung[:, 6:58, 6:58] = 1
+    mask = np.zeros(shape, np.uint8)
+    rows = np.zeros(3, NODULE_DTYPE)
+    excl = vox((12.0, 10.0, 10.0))
+    for k, (c, r) in enumerate(list(zip(nod, radii)) + [(excl, 2.0)], start=1):
+        z, y, x = ct_io.world_to_voxel(c, origin, spacing, direction)
+        rows[k - 1] = (k, z, y, x, c[0], c[1], c[2], 2 * r, -1, b"sphere", int(k == 3))
+        if k < 3:
+            mask[((w - c) ** 2).sum(-1) <= r * r] = k
+    scan = Scan(hu=hu, origin=origin, spacing=spacing, direction=direction, seriesuid=uid, patient_id=uid,
+                source="luna16", path=f"/data/luna16/subset0/{uid}.mhd")
+    write_scan_h5(path, scan, lung, mask, rows)
+    return rows, vessels
+
+
+def make_run(work, seed, n_scans=6):
+    """Stage-1 files, split.json (train 3, val 1, test 2 scans) and a stage-5 report (6_report/candidates.csv of
+    the test part, config.json) with nodule hits, vessel false positives and random points. Returns
+    {uid: (nodule rows, vessel points)}."""
+    os.makedirs(os.path.join(work, "1_preprocessed"), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    scans = {}
+    for i in range(n_scans):
+        uid = f"1.2.3.{seed}.{i}"
+        scans[uid] = make_scan(os.path.join(work, "1_preprocessed", f"{uid}.h5"), uid, seed * 100 + i, i % 2 == 1)
+    uids = sorted(scans)
+    parts = {"train": uids[:n_scans - 3], "val": uids[n_scans - 3:n_scans - 2], "test": uids[n_scans - 2:]}
+    os.makedirs(os.path.join(work, "3_split"), exist_ok=True)
+    json.dump({k: {"patients": v, "series": v} for k, v in parts.items()},
+              open(os.path.join(work, "3_split", "split.json"), "w"))
+    for name, part in (("6_report", "test"), ("6_report_all", "all")):
+        rows = []
+        for uid in (uids if part == "all" else parts[part]):
+            nod, vessels = scans[uid]
+            for n in nod[:2]:
+                c = np.array([n["world_x"], n["world_y"], n["world_z"]]) + rng.normal(0, 0.5, 3)
+                rows.append((uid, *c, rng.uniform(0.3, 0.9)))
+            for v in vessels:
+                rows.append((uid, *v, rng.uniform(0.5, 1.0)))
+            for _ in range(3):
+                rows.append((uid, *(np.array([nod[0]["world_x"], nod[0]["world_y"], -120.0])
+                                    + rng.uniform(-25, 25, 3)), rng.uniform(0.05, 0.5)))
+        os.makedirs(os.path.join(work, name), exist_ok=True)
+        with open(os.path.join(work, name, "candidates.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["seriesuid", "coordX", "coordY", "coordZ", "probability"])
+            w.writerows(rows)
+        json.dump({"SCANS": part}, open(os.path.join(work, name, "config.json"), "w"))
+    return scans
+
+
+TINY = ["--PATCH_MM=16", "--VOXEL_MM=2.0", "--WIDTH=4", "--BLOCKS=2", "--DENSE=8", "--BATCH_SIZE=8",
+        "--STEPS_PER_EPOCH=3", "--RANDOM_NEG_PER_SCAN=4", "--DENSE_NEG_PER_SCAN=4", "--MAX_SHIFT_MM=2.0",
+        "--SHIFT_MM=1.0"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("fp_train"))
+    make_run(work, seed=1)
+    rc = fresh().main([f"--WORK_DIR={work}", "--EPOCHS=1", f"--TRAIN_CANDIDATES={work}/6_report_all/candidates.csv",
+                       *TINY])
+    assert rc == 0
+    return work
+
+
+def check_outputs(out, n_scans):
+    for name in ("model.keras", "config.json", "candidates.csv", "candidates_detail.csv", "metrics.json", "froc.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["n_scans"] == n_scans
+    after = m["after"]
+    assert set(after["froc"]["by_size"]) == {"<5", "5-10", "10-20", ">=20"}
+    assert len(after["froc"]["sensitivities"]) == 7
+    assert after["operating_point"]["fp_per_scan"] >= 0
+    assert m["timing"]["seconds_per_scan"] > 0
+    rows = list(csv.DictReader(open(os.path.join(out, "candidates.csv"))))
+    assert rows and list(rows[0]) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+    assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
+    return m, rows
+
+
+def test_train_writes_every_output(trained):
+    out = os.path.join(trained, "7_fp_reduction")
+    m, rows = check_outputs(out, 2)
+    assert m["before"]["cpm"]["value"] is not None and m["after"]["cpm"]["value"] is not None
+    assert m["training"]["patches"]["hard_negatives"] == 3 * 5            # vessels and random marks of 3 scans
+    assert m["training"]["patches"]["nodule_centres"] == 3 * 2            # excluded annotations are not positives
+    assert len(rows) == 2 * 7                                             # every test candidate, rescored
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["PATCH_SIDE"] == 8 and cfg["COMBINE_USED"] in ("fp", "product", "mean")
+    for name in ("last.keras", "state.json", "history.csv"):
+        assert os.path.isfile(os.path.join(out, name))
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_resume_continues(trained):
+    out = os.path.join(trained, "7_fp_reduction")
+    rc = fresh().main([f"--WORK_DIR={trained}", "--EPOCHS=2", "--RESUME=1",
+                       f"--TRAIN_CANDIDATES={trained}/6_report_all/candidates.csv", *TINY])
+    assert rc == 0
+    state = json.load(open(os.path.join(out, "state.json")))
+    assert state["epoch"] == 1 and len(state["history"]) == 2
+    assert state["iterations"] == 2 * 3
+
+
+def test_score_only_on_another_run(trained, tmp_path):
+    work = str(tmp_path / "other")
+    make_run(work, seed=2)
+    model = os.path.join(trained, "7_fp_reduction", "model.keras")
+    rc = fresh().main([f"--WORK_DIR={work}", "--SCANS=all", f"--MODEL={model}"])   # geometry from the model's config
+    assert rc == 0
+    out = os.path.join(work, "7_fp_reduction")
+    m, rows = check_outputs(out, 2)               # stage 5 evaluated the 2 test scans: those are scored
+    assert m["training"] is None
+    assert not os.path.exists(os.path.join(out, "patches"))
+    assert json.load(open(os.path.join(out, "config.json")))["PATCH_SIDE"] == 8
+
+
+def test_candidates_v2_format(trained, tmp_path):
+    """LUNA16's false-positive-reduction track file: seriesuid, coordX, coordY, coordZ, class (no probability)."""
+    work = str(tmp_path / "v2")
+    scans = make_run(work, seed=3)
+    path = os.path.join(work, "candidates_V2.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["seriesuid", "coordX", "coordY", "coordZ", "class"])
+        for uid, (nod, vessels) in scans.items():
+            for n in nod[:2]:
+                w.writerow([uid, n["world_x"] + 0.5, n["world_y"], n["world_z"], 1])
+            for v in vessels:
+                w.writerow([uid, *v, 0])
+    # training on the file's candidates, then the test part scored
+    rc = fresh().main([f"--WORK_DIR={work}", f"--CANDIDATES={path}", "--EPOCHS=1", *TINY])
+    assert rc == 0
+    m, rows = check_outputs(os.path.join(work, "7_fp_reduction"), 2)
+    assert m["before"] is None                   # no probability in the file: nothing to compare before
+    assert m["training"]["patches"]["positive_candidates"] == 3 * 2
+    assert m["after"]["candidate_recall"]["value"] == 1.0
+    assert len(rows) == 2 * 4
+
+
+def test_failing_scan_is_reported_and_skipped(trained, tmp_path, capsys):
+    work = str(tmp_path / "bad")
+    scans = make_run(work, seed=4)
+    test_uid = sorted(scans)[-1]
+    with open(os.path.join(work, "1_preprocessed", f"{test_uid}.h5"), "wb") as f:
+        f.write(b"not hdf5")
+    model = os.path.join(trained, "7_fp_reduction", "model.keras")
+    rc = fresh().main([f"--WORK_DIR={work}", f"--MODEL={model}"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert f"{test_uid}.h5: not an HDF5 file" in err
+    m = json.load(open(os.path.join(work, "7_fp_reduction", "metrics.json")))
+    assert m["n_scans"] == 2 and m["n_scans_failed"] == 1        # the failed scan counts in FP/scan
+    assert m["timing"]["scans_scored"] == 1
+
+
+def test_auc_ranks_with_ties():
+    fp = fresh()
+    assert fp.auc([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.2]) == 1.0
+    assert fp.auc([1, 0], [0.5, 0.5]) == 0.5
+    assert fp.auc([0, 0], [0.1, 0.2]) is None
