@@ -308,6 +308,29 @@ def read_scan_h5(path, arrays=("hu", "lung_mask", "nodule_mask")):
     return out
 
 
+def read_stage1(path, arrays=("hu", "lung_mask", "nodule_mask")):
+    """read_scan_h5 for the stages that read stage-1 files (5, 6): a missing, truncated or corrupt file, or
+    arrays that are not 3-D or differ in shape, raise ScanError with one line naming the file and the problem."""
+    import tables
+    if not os.path.isfile(path):
+        raise ScanError(f"{path}: no such stage-1 file")
+    try:
+        is_hdf5 = tables.is_hdf5_file(path)
+    except Exception:
+        is_hdf5 = False
+    if not is_hdf5:
+        raise ScanError(f"{path}: not an HDF5 file (corrupt or truncated)")
+    try:
+        scan = read_scan_h5(path, arrays=arrays)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ScanError(f"{path}: unreadable stage-1 file ({type(e).__name__}: {first})") from None
+    shapes = {k: scan[k].shape for k in arrays}
+    if len(set(shapes.values())) > 1 or any(len(v) != 3 for v in shapes.values()):
+        raise ScanError(f"{path}: arrays differ in shape or are not 3-D: {shapes}")
+    return scan
+
+
 # One row per annotated nodule in a stage-1 file (``/nodules``). Excluded annotations (LUNA16's
 # annotations_excluded.csv) are listed with excluded=1 and are NOT drawn in /nodule_mask.
 NODULE_DTYPE = np.dtype([

@@ -633,28 +633,6 @@ def write_froc(path, curves, metrics):
 
 # ----------------------------------------------------------------------------- the run
 
-def read_stage1(path):
-    """ct_io.read_scan_h5 with one-line errors naming the problem."""
-    import tables
-    if not os.path.isfile(path):
-        raise ct_io.ScanError(f"{path}: no such stage-1 file")
-    try:
-        is_hdf5 = tables.is_hdf5_file(path)
-    except Exception:
-        is_hdf5 = False
-    if not is_hdf5:
-        raise ct_io.ScanError(f"{path}: not an HDF5 file (corrupt or truncated)")
-    try:
-        scan = ct_io.read_scan_h5(path)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise ct_io.ScanError(f"{path}: unreadable stage-1 file ({type(e).__name__}: {first})") from None
-    shapes = {k: scan[k].shape for k in ("hu", "lung_mask", "nodule_mask")}
-    if len(set(shapes.values())) != 1 or len(shapes["hu"]) != 3:
-        raise ct_io.ScanError(f"{path}: arrays differ in shape or are not 3-D: {shapes}")
-    return scan
-
-
 def file_signature(path):
     """What identifies a stage-1 file for the prediction cache: its path, size and modification time (ns); a
     preprocess rerun writes a new file, so old predictions are not reused for it."""
@@ -664,7 +642,7 @@ def file_signature(path):
 
 def process_scan(path, predictor, pred_dir, book, mip_dir):
     """Predict (or reuse), write and evaluate one scan -> (evaluate_scan's result, seconds of inference or None)."""
-    scan = read_stage1(path)
+    scan = ct_io.read_stage1(path)
     a = scan["attrs"]
     uid = str(a["seriesuid"])
     origin, spacing, direction = a["origin"], a["spacing"], a["direction"]
