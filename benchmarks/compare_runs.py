@@ -84,8 +84,10 @@ def table(rows):
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def froc_table(rows, rates=FROC_AT):
-    """Sensitivity at some FROC rates (FP/scan over the candidates), CPM and candidate recall, by nodule size."""
+def froc_table(rows, rates=None):
+    """Sensitivity at some FROC rates (FP/scan over the candidates; default FROC_AT), CPM and candidate recall,
+    by nodule size."""
+    rates = FROC_AT if rates is None else rates
     bins = list(rows[0]["sens_by_size"]) + ["all"]
     head = ["run", "size (mm)"] + [f"sens. @ {r:g} FP/scan" for r in rates] + ["CPM", "candidate recall"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
