@@ -29,6 +29,7 @@ Run
     python fp_reduction.py --WORK_DIR=work --TRAIN_CANDIDATES=work/6_report_all/candidates.csv
     python fp_reduction.py --WORK_DIR=<run> --SCANS=all --MODEL=<trained model.keras>   # score only, no training
     python fp_reduction.py --WORK_DIR=luna --CANDIDATES=/data/LUNA16/candidates_V2.csv  # LUNA16's FP-reduction track
+    python fp_reduction.py --WORK_DIR=work --DASK_SCHEDULER=tcp://host:8786   # scoring on a dask cluster
 
 Patches: a cube of PATCH_MM on a side, VOXEL_MM voxels, axes along world x, y, z, centred on the candidate's
 world position, sampled (trilinear) from the scan through ct_io.world_to_voxel (origin, spacing and direction:
@@ -49,6 +50,12 @@ Each epoch ends with the validation part's patches rescored; the checkpoint with
 candidates (without candidates on the validation scans: the best ROC AUC of its patches, nodule centres against
 random and dense lung points; then the lower loss) is model.keras. COMBINE="auto" chooses the final score on the validation part too.
 
+Blob candidates (BLOB_CANDIDATES > 0 per scan): stage 5's list recalls only the nodules its network's components
+reach; bright blobs of 3-12 mm found in the image itself (detect_blobs: a scale-normalised Laplacian of Gaussian on
+the HU resampled to BLOB_MM isotropic, inside the dilated stage-1 lung mask) are added to every scan's list, those
+within BLOB_MERGE_MM of a stage-5 candidate dropped, each with the stage-5 score BLOB_SCORE, and rescored like the
+others; on the training and validation scans they are candidates too (hard negatives, positives when on a nodule).
+
 Scoring streams scan by scan: one HU volume in memory at a time, patches predicted in batches, candidates.csv
 written row by row; memory does not grow with the number of candidates (the candidate table itself takes ~21
 bytes a candidate). A scan that fails is reported in one line and skipped (it still counts in FP/scan); the exit
@@ -60,6 +67,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -110,6 +118,17 @@ PREDICT_BATCH = 64              # patches per prediction call
 TTA = 8                         # test-time augmentation: mean over this many flips of the patch (1 = none, at most 8)
 SEED = 85                       # weights, sampling and augmentation
 RESUME = False                  # continue training from OUT_DIR/last.keras and state.json
+DASK_SCHEDULER = ""             # "" = scans scored here; "tcp://host:8786" = each scan a task on that dask cluster
+BLOB_CANDIDATES = 0             # candidates per scan added from the image (3D blob detector in the lung mask); 0 = off
+BLOB_MM = 1.25                  # isotropic voxel (mm) of the grid the blob detector resamples the HU volume to
+BLOB_DIAMETERS_MM = (3.0, 12.0) # smallest and largest blob diameter looked for (mm)
+BLOB_SCALES = 4                 # Laplacian-of-Gaussian scales, log-spaced over BLOB_DIAMETERS_MM
+BLOB_HU = (-1000.0, 100.0)      # HU clipped to this range before filtering (bone and contrast do not outshine nodules)
+BLOB_MIN_HU = -750.0            # a blob's centre (resampled HU) must be denser than this
+BLOB_LUNG_DILATE_MM = 2.5       # the stage-1 lung mask dilated this much (nodules on the pleura count)
+BLOB_MERGE_MM = 5.0             # a blob within this of a stage-5 candidate or of a stronger blob is dropped
+BLOB_SCORE = 0.0                # the stage-5 probability given to a blob candidate
+BLOB_RANK = "hessian"           # blobs ranked by "hessian" (the Hessian's weakest curvature: ~0 on vessels) or "log"
 
 COMBINE_CHOICES = ("fp", "product", "mean")
 KIND_CANDIDATE, KIND_NODULE, KIND_RANDOM, KIND_DENSE = 0, 1, 2, 3
@@ -321,6 +340,122 @@ def random_lung_points(hu, lung, origin, spacing, direction, n, rng, nod_xyz, di
     return world
 
 
+# ----------------------------------------------------------------------------- blob candidates
+
+def detect_blobs(hu, lung, origin, spacing, direction, n, existing_xyz=None):
+    """Up to ``n`` bright blobs of BLOB_DIAMETERS_MM inside the (dilated) lung mask -> (world xyz (k, 3),
+    response (k,)), strongest first.
+
+    The lung's bounding box of ``hu`` (Z, Y, X), clipped to BLOB_HU, resampled (trilinear) to BLOB_MM isotropic;
+    the scale-normalised Laplacian of Gaussian (-sigma^2 LoG, sigma = diameter / (2 sqrt 3): a ball's best scale;
+    a Gaussian filter, then the 7-point discrete Laplacian) at BLOB_SCALES diameters, its maximum over the scales;
+    blobs are its 3x3x3 local maxima inside the lung mask dilated by BLOB_LUNG_DILATE_MM, denser than BLOB_MIN_HU,
+    strongest first, none within BLOB_MERGE_MM of a stronger one or of ``existing_xyz`` (world, e.g. stage 5's
+    candidates). BLOB_RANK="hessian" ranks them by sigma^2 times the weakest curvature of the Hessian at their scale
+    (all three negative on a ball; one ~0 on a vessel, which is dropped) instead of the LoG. World positions via
+    ct_io.voxel_to_world (the resampled grid's voxel -> the scan's voxel)."""
+    from scipy import ndimage
+    none = np.zeros((0, 3)), np.zeros(0)
+    if n <= 0:
+        return none
+    sp = np.asarray(spacing, np.float64)[::-1]                       # mm per voxel along (z, y, x)
+    rng = [np.nonzero(np.asarray(lung).any(axis=tuple(b for b in range(3) if b != a)))[0] for a in range(3)]
+    if any(not len(r) for r in rng):
+        return none
+    pad = np.ceil((BLOB_DIAMETERS_MM[1] + BLOB_LUNG_DILATE_MM) / sp).astype(int)
+    lo = np.maximum([r[0] for r in rng] - pad, 0)
+    hi = np.minimum([r[-1] + 1 for r in rng] + pad, hu.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    step = BLOB_MM / sp                                              # input voxels per output voxel
+    shape = tuple(int(k) for k in np.floor((hi - lo - 1) / step) + 1)
+    vol = ndimage.affine_transform(np.asarray(hu[box]), step, output_shape=shape, output=np.float32, order=1,
+                                   mode="nearest")
+    np.clip(vol, *BLOB_HU, out=vol)                                  # clipped after resampling: no float copy of hu
+    mask = ndimage.affine_transform(np.asarray(lung[box], np.uint8), step, output_shape=shape, order=0, mode="nearest")
+    r = int(round(BLOB_LUNG_DILATE_MM / BLOB_MM))
+    if r > 0:
+        mask = ndimage.maximum_filter(mask, size=2 * r + 1)
+    best, scale, smooth = None, None, []
+    sigmas = np.geomspace(BLOB_DIAMETERS_MM[0], BLOB_DIAMETERS_MM[1], max(int(BLOB_SCALES), 1)) / (2 * np.sqrt(3.0))
+    for k, sigma in enumerate(sigmas / BLOB_MM):                      # in output voxels
+        g = ndimage.gaussian_filter(vol, sigma, truncate=3.0)
+        resp = ndimage.laplace(g) * np.float32(-sigma * sigma)
+        smooth.append(g if BLOB_RANK == "hessian" else None)
+        if best is None:
+            best, scale = resp, np.zeros(resp.shape, np.uint8)
+        else:
+            scale[resp > best] = k
+            np.maximum(best, resp, out=best)
+    peak = (best == ndimage.maximum_filter(best, size=3)) & (mask > 0) & (vol > BLOB_MIN_HU) & (best > 0)
+    zyx = np.argwhere(peak)
+    resp = best[peak]
+    if BLOB_RANK == "hessian" and len(zyx):                          # tubes (vessels) have one curvature ~0
+        resp = np.zeros(len(zyx))
+        for k, sigma in enumerate(sigmas / BLOB_MM):
+            sel = scale[peak] == k
+            if sel.any():
+                resp[sel] = sigma * sigma * np.maximum(-hessian_eigenvalues(smooth[k], zyx[sel])[:, 2], 0)
+        keep = resp > 0
+        zyx, resp = zyx[keep], resp[keep]
+    order = np.argsort(-resp, kind="stable")[:max(50 * n, 1000)]     # the strongest peaks: enough for n blobs
+    zyx, resp = zyx[order], resp[order]
+    world = ct_io.voxel_to_world(lo + zyx * step, origin, spacing, direction).reshape(-1, 3)
+    keep = merge_far(world, existing_xyz, n)
+    return world[keep], resp[keep].astype(np.float64)
+
+
+def hessian_eigenvalues(g, zyx):
+    """Eigenvalues (ascending) of the Hessian of volume ``g`` (central differences, voxel units) at the voxels
+    ``zyx`` (N, 3) -> (N, 3); indices clipped at the border."""
+    zyx = np.asarray(zyx, np.int64)
+    hi = np.asarray(g.shape) - 1
+
+    def at(dz, dy, dx):
+        i = np.clip(zyx + np.array([dz, dy, dx]), 0, hi)
+        return g[i[:, 0], i[:, 1], i[:, 2]].astype(np.float64)
+    c = at(0, 0, 0)
+    h = np.empty((len(zyx), 3, 3))
+    unit = np.eye(3, dtype=int)
+    for a in range(3):
+        h[:, a, a] = at(*unit[a]) + at(*-unit[a]) - 2 * c
+        for b in range(a + 1, 3):
+            h[:, a, b] = h[:, b, a] = (at(*(unit[a] + unit[b])) + at(*(-unit[a] - unit[b]))
+                                       - at(*(unit[a] - unit[b])) - at(*(unit[b] - unit[a]))) / 4.0
+    return np.linalg.eigvalsh(h)
+
+
+def merge_far(xyz, existing_xyz, n, merge_mm=None):
+    """Indices of up to ``n`` points of ``xyz`` (in order: strongest first) that lie farther than ``merge_mm``
+    (BLOB_MERGE_MM) from every point of ``existing_xyz`` and from every point kept before them."""
+    r2 = (BLOB_MERGE_MM if merge_mm is None else merge_mm) ** 2
+    taken = [np.asarray(existing_xyz, np.float64).reshape(-1, 3)] if existing_xyz is not None else []
+    taken = np.concatenate(taken) if taken else np.zeros((0, 3))
+    keep = []
+    for i, p in enumerate(np.asarray(xyz, np.float64).reshape(-1, 3)):
+        if len(keep) >= n:
+            break
+        if len(taken) and (((taken - p) ** 2).sum(axis=1) <= r2).any():
+            continue
+        keep.append(i)
+        taken = np.vstack([taken, p])
+    return np.asarray(keep, np.int64)
+
+
+def with_blobs(scan, xyz, p5):
+    """A scan's candidates (xyz, p5) with BLOB_CANDIDATES blobs added (stage-5 score BLOB_SCORE) -> (xyz, p5,
+    is_blob (bool per candidate), detection seconds). Needs scan['hu'] and scan['lung_mask']."""
+    xyz, p5 = np.asarray(xyz, np.float64).reshape(-1, 3), np.asarray(p5, np.float64)
+    if BLOB_CANDIDATES <= 0:
+        return xyz, p5, np.zeros(len(xyz), bool), 0.0
+    t0 = time.perf_counter()
+    a = scan["attrs"]
+    blobs, _ = detect_blobs(scan["hu"], scan["lung_mask"], a["origin"], a["spacing"], a["direction"],
+                            BLOB_CANDIDATES, xyz)
+    sec = time.perf_counter() - t0
+    return (np.concatenate([xyz, blobs]), np.concatenate([p5, np.full(len(blobs), BLOB_SCORE)]),
+            np.arange(len(xyz) + len(blobs)) >= len(xyz), sec)
+
+
 # ----------------------------------------------------------------------------- stage-1 files and parts
 
 def read_scan(path, arrays=("hu",)):
@@ -511,10 +646,11 @@ class PatchStore:
                     geo = (a["origin"], a["spacing"], a["direction"])
                     nod_xyz, diam, excl = nodule_arrays(scan["nodules"])
                     xyz, p5, _ = table.of(uid)
+                    xyz, p5, _, _ = with_blobs(scan, xyz, p5)    # blobs: hard negatives, or positives on nodules
                     tp, fp, _ = label_candidates(xyz, nod_xyz, diam, excl)
                     hard = np.nonzero(fp)[0]
                     if len(hard) > HARD_NEG_PER_SCAN:       # the highest scored (random when no scores)
-                        order = (np.argsort(-p5[hard], kind="stable") if table.has_prob
+                        order = (np.argsort(-p5[hard], kind="stable") if np.isfinite(p5[hard]).all()
                                  else rng.permutation(len(hard)))
                         hard = hard[order[:HARD_NEG_PER_SCAN]]
                     pos = np.nonzero(tp)[0]
@@ -677,6 +813,7 @@ def train(out_dir, side, cfg, train_paths, val_paths, table_paths, failed):
     sampling = {k: cfg[k] for k in ("PATCH_MM", "VOXEL_MM", "HU_WINDOW", "JITTER", "SHIFT_MM", "MAX_SHIFT_MM",
                                     "SCALE", "HARD_NEG_PER_SCAN", "RANDOM_NEG_PER_SCAN", "DENSE_NEG_PER_SCAN",
                                     "DENSE_HU", "NEG_MARGIN_MM", "SEED")}
+    sampling.update({k: cfg[k] for k in cfg if k.startswith("BLOB_")} if cfg.get("BLOB_CANDIDATES") else {})
     stores = {}
     for what, paths, seed in (("train", train_paths, 0), ("val", val_paths, 1)):
         key = json.dumps({"what": what, "sampling": sampling, "candidates": [_sig(p) for p in table_paths],
@@ -773,47 +910,104 @@ def train(out_dir, side, cfg, train_paths, val_paths, table_paths, failed):
 
 # ----------------------------------------------------------------------------- scoring
 
-def score_scans(model, paths, table, side, how, out_dir, failed):
-    """Rescore every candidate of ``paths`` scan by scan; write candidates.csv and candidates_detail.csv (rows
-    streamed to temporary files, renamed at the end) -> (Evaluation before, Evaluation after, timing dict)."""
+def score_scan(path, model, lookup, side):
+    """One scan's candidates (``lookup(uid)`` -> (xyz, p5, ...)), blobs added (BLOB_CANDIDATES), rescored by
+    ``model`` -> dict: uid, xyz, p5, p6, is_blob, nodules (xyz, diameter, excluded), blob_seconds, seconds.
+    Raises on a scan that cannot be read."""
+    t0 = time.perf_counter()
+    scan = read_scan(path, ("hu", "lung_mask") if BLOB_CANDIDATES > 0 else ("hu",))
+    a = scan["attrs"]
+    uid = str(a.get("seriesuid", uid_of(path)))
+    geo = (a["origin"], a["spacing"], a["direction"])
+    xyz, p5 = lookup(uid)[:2]
+    xyz, p5, is_blob, blob_sec = with_blobs(scan, xyz, p5)
+    p6 = np.zeros(len(xyz))
+    offsets = patch_offsets(side, VOXEL_MM, *geo)
+    for i in range(0, len(xyz), PREDICT_BATCH):
+        hu_p = extract_patches(scan["hu"], *geo, xyz[i:i + PREDICT_BATCH], side, VOXEL_MM, offsets)
+        x = uint8_to_input(to_uint8(hu_p, HU_WINDOW))     # as the training patches are stored
+        p6[i:i + len(x)] = predict(model, x, TTA)
+    return {"uid": uid, "xyz": xyz, "p5": p5, "p6": p6, "is_blob": is_blob, "nodules": nodule_arrays(scan["nodules"]),
+            "blob_seconds": blob_sec, "seconds": time.perf_counter() - t0}
+
+
+_WORKER_MODELS = {}             # on a dask worker: the stage-6 model of each model file, loaded once per worker process
+_WORKER_LOCK = threading.Lock()
+
+
+def _score_on_worker(task):
+    """One scan on a dask worker: score_scan with the run's settings and this worker's cached model ->
+    ("done", score_scan's dict) or ("failed", one-line error)."""
+    path, cfg, model_path, rows, side = task
+    globals().update(cfg)                             # the run's settings (TTA, BLOB_CANDIDATES, ...) in this worker
+    try:
+        st = os.stat(model_path)
+        key = (model_path, st.st_size, st.st_mtime_ns)
+        with _WORKER_LOCK:
+            if key not in _WORKER_MODELS:
+                import nasnet_v2  # noqa: F401  (first: TensorFlow's CPU allocator)
+                import keras
+                _WORKER_MODELS[key] = keras.saving.load_model(model_path, compile=False)
+        return "done", score_scan(path, _WORKER_MODELS[key], lambda uid: rows, side)
+    except Exception as e:
+        msg = " ".join(str(e).split())[:300]
+        return "failed", msg if isinstance(e, ct_io.ScanError) else f"{path}: {type(e).__name__}: {msg}"
+
+
+def _scan_scores(paths, model, model_path, table, side, cfg):
+    """(path, score_scan's dict or None, error line or None) per scan, in path order: computed here, or with
+    DASK_SCHEDULER by the cluster's workers (_score_on_worker; each task carries its scan's candidate rows, by the
+    stage-1 file's name)."""
+    if not DASK_SCHEDULER:
+        for path in paths:
+            try:
+                yield path, score_scan(path, model, table.of, side), None
+            except Exception as e:
+                msg = " ".join(str(e).split())[:300]
+                yield path, None, msg if isinstance(e, ct_io.ScanError) else f"{path}: {type(e).__name__}: {msg}"
+        return
+    from dask_tasks import run_on_cluster
+    a = os.path.abspath                               # absolute paths: the workers' folder may differ
+    tasks = [(a(p), cfg, a(model_path), table.of(uid_of(p))[:2], side) for p in paths]
+    index = {t[0]: p for t, p in zip(tasks, paths)}
+    done, next_i = {}, 0
+    for task, out, err in run_on_cluster(DASK_SCHEDULER, _score_on_worker, tasks, names=paths):
+        status, value = out if err is None else ("failed", err)
+        done[index[task[0]]] = (value, None) if status == "done" else (None, value)
+        while next_i < len(paths) and paths[next_i] in done:     # in path order, as the local run
+            yield (paths[next_i], *done.pop(paths[next_i]))
+            next_i += 1
+
+
+def score_scans(model, model_path, paths, table, side, how, out_dir, failed, cfg):
+    """Rescore every candidate of ``paths`` scan by scan (here, or on DASK_SCHEDULER's workers); write
+    candidates.csv and candidates_detail.csv (rows streamed to temporary files, renamed at the end) -> (Evaluation
+    before, Evaluation after, timing dict)."""
     from tqdm import tqdm
     before = Evaluation(THRESHOLD, MAX_CANDIDATES) if table.has_prob else None
     after = Evaluation(THRESHOLD, MAX_CANDIDATES)
     recall_all = {"found": 0, "total": 0}
     fields = ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
-    detail_fields = fields + ["stage5_probability", "stage6_probability", "status"]
+    detail_fields = fields + ["stage5_probability", "stage6_probability", "status", "source"]
     paths_out = [os.path.join(out_dir, n) for n in ("candidates.csv", "candidates_detail.csv")]
     tmps = [p + ".tmp" for p in paths_out]
-    seconds, n_cand = [], 0
+    seconds, n_cand, blob_seconds, n_blobs = [], 0, [], 0
     with open(tmps[0], "w", newline="") as f1, open(tmps[1], "w", newline="") as f2:
         w1, w2 = csv.DictWriter(f1, fields), csv.DictWriter(f2, detail_fields)
         w1.writeheader()
         w2.writeheader()
-        bar = tqdm(paths, desc="fp_reduction scoring", unit="scan")
-        for path in bar:
-            t0 = time.perf_counter()
-            try:
-                scan = read_scan(path, ("hu",))
-                a = scan["attrs"]
-                uid = str(a.get("seriesuid", uid_of(path)))
-                geo = (a["origin"], a["spacing"], a["direction"])
-                nod_xyz, diam, excl = nodule_arrays(scan["nodules"])
-                xyz, p5, _ = table.of(uid)
-                p6 = np.zeros(len(xyz))
-                offsets = patch_offsets(side, VOXEL_MM, *geo)
-                for i in range(0, len(xyz), PREDICT_BATCH):
-                    hu_p = extract_patches(scan["hu"], *geo, xyz[i:i + PREDICT_BATCH], side, VOXEL_MM, offsets)
-                    x = uint8_to_input(to_uint8(hu_p, HU_WINDOW))     # as the training patches are stored
-                    p6[i:i + len(x)] = predict(model, x, TTA)
-            except Exception as e:
-                msg = " ".join(str(e).split())[:300]
-                msg = msg if isinstance(e, ct_io.ScanError) else f"{path}: {type(e).__name__}: {msg}"
-                tqdm.write(f"FAILED {msg}; skipped", file=sys.stderr)
-                failed.append({"path": path, "error": msg})
+        bar = tqdm(total=len(paths), desc="fp_reduction scoring", unit="scan")
+        for path, r, err in _scan_scores(paths, model, model_path, table, side, cfg):
+            bar.update(1)
+            if err is not None:
+                tqdm.write(f"FAILED {err}; skipped", file=sys.stderr)
+                failed.append({"path": path, "error": err})
                 after.add_failed()
                 if before is not None:
                     before.add_failed()
                 continue
+            uid, xyz, p5, p6, is_blob = r["uid"], r["xyz"], r["p5"], r["p6"], r["is_blob"]
+            nod_xyz, diam, excl = r["nodules"]
             score = combine(p5, p6, how)
             after.add(xyz, score, nod_xyz, diam, excl)
             if before is not None:
@@ -822,20 +1016,26 @@ def score_scans(model, paths, table, side, how, out_dir, failed):
             hit = metrics.match_candidates(xyz, nod_xyz, diam)[:, ~excl].any(axis=0)
             recall_all["found"] += int(hit.sum())
             recall_all["total"] += int(len(hit))
-            for c, s5, s6, s, t, f in zip(xyz, p5, p6, score, tp, fp):
+            for c, s5, s6, s, t, f, b in zip(xyz, p5, p6, score, tp, fp, is_blob):
                 row = {"seriesuid": uid, "coordX": f"{c[0]:.3f}", "coordY": f"{c[1]:.3f}", "coordZ": f"{c[2]:.3f}",
                        "probability": f"{s:.6f}"}
                 w1.writerow(row)
                 w2.writerow({**row, "stage5_probability": "" if not np.isfinite(s5) else f"{float(s5):.6f}",
-                             "stage6_probability": f"{s6:.6f}", "status": "TP" if t else ("FP" if f else "ignored")})
-            seconds.append(time.perf_counter() - t0)
+                             "stage6_probability": f"{s6:.6f}", "status": "TP" if t else ("FP" if f else "ignored"),
+                             "source": "blob" if b else "stage5"})
+            seconds.append(r["seconds"])
+            if BLOB_CANDIDATES > 0:
+                blob_seconds.append(r["blob_seconds"])
+                n_blobs += int(is_blob.sum())
             n_cand += len(xyz)
             bar.set_postfix(candidates=n_cand)
+        bar.close()
     for t, p in zip(tmps, paths_out):
         os.replace(t, p)
     timing = {"seconds_per_scan": float(np.mean(seconds)) if seconds else None,
               "seconds_per_candidate": float(np.sum(seconds) / n_cand) if n_cand else None,
-              "scans_scored": len(seconds), "n_candidates": n_cand,
+              "scans_scored": len(seconds), "n_candidates": n_cand, "n_blob_candidates": n_blobs,
+              "blob_seconds_per_scan": float(np.mean(blob_seconds)) if blob_seconds else None,
               "candidate_recall_all": {**recall_all, "value": recall_all["found"] / recall_all["total"]
                                        if recall_all["total"] else None,
                                        "definition": "nodules within the radius of any candidate of the list, "
@@ -910,7 +1110,8 @@ def print_table(before, after):
 def main(argv=None):
     defaults = constants(globals())
     try:
-        cfg = configure(globals(), argv, choices={"COMBINE": COMBINE_CHOICES + ("auto",)})
+        cfg = configure(globals(), argv, choices={"COMBINE": COMBINE_CHOICES + ("auto",),
+                                                  "BLOB_RANK": ("hessian", "log")})
         return _run(cfg)
     finally:
         globals().update(defaults)      # a second main() in one process starts from the file's constants
@@ -978,7 +1179,7 @@ def _run(cfg):
     table = CandidateTable([cand_path])
     n_train_failed = len(failed)
     t0 = time.time()
-    ev_before, ev_after, timing = score_scans(model, paths, table, side, how, out_dir, failed)
+    ev_before, ev_after, timing = score_scans(model, model_path, paths, table, side, how, out_dir, failed, cfg)
     timing["scoring_seconds"] = time.time() - t0
     m_after, c_after = ev_after.summary(SIZE_BINS, FROC_RATES)
     m_before, c_before = ev_before.summary(SIZE_BINS, FROC_RATES) if ev_before is not None else (None, None)
@@ -990,7 +1191,8 @@ def _run(cfg):
         "scans": SCANS, "n_scans": m_after["n_scans"], "n_scans_failed": len(failed) - n_train_failed,
         "n_nodules": m_after["n_nodules"], "n_candidates": timing["n_candidates"],
         "candidates": os.path.abspath(cand_path), "model": os.path.abspath(model_path), "combine": how,
-        "definition": "before: the candidates scored by their own probability (stage 5's); after: the same "
+        "definition": "before: the candidates scored by their own probability (stage 5's; blob candidates, "
+                      "BLOB_CANDIDATES > 0, by BLOB_SCORE); after: the same "
                       "candidates scored by COMBINE of stage 5's and stage 6's probabilities ('fp': stage 6 alone, "
                       "'product': their product, 'mean': their mean). Both through metrics.py: at most "
                       "MAX_CANDIDATES a scan, LUNA16's hit rule, FP/scan over every scan of the part (failed ones "

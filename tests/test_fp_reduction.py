@@ -1,11 +1,13 @@
 """Stage 6 (fp_reduction.py): patches at world coordinates (flipped scans too), edge padding, a tiny end-to-end
 run (training a few steps, then the score-only contract on a run it did not train on, and --RESUME=1), LUNA16's
-candidates_V2.csv format, and a failing scan. Hand-made stage-1 files (small, fast), no stage 2-5 needed: the
+candidates_V2.csv format, a failing scan, the blob candidates (BLOB_CANDIDATES: a ball found at its world position,
+nothing outside the lung mask, merging) and scoring on a dask LocalCluster (DASK_SCHEDULER). Hand-made stage-1 files (small, fast), no stage 2-5 needed: the
 stage-5 report is a candidates.csv and config.json written here."""
 import csv
 import importlib
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -77,6 +79,54 @@ def test_candidate_at_edge_is_padded():
     assert abs(patches[0][8, 8, 8] - hu[0, 0, 0]) < 80          # near the corner voxel's value
     x = fp.uint8_to_input(fp.to_uint8(patches, fp.HU_WINDOW))
     assert x.min() >= -1 and x.max() <= 1 and c
+
+
+# ----------------------------------------------------------------------------- blob candidates
+
+@pytest.mark.parametrize("direction", [IDENTITY, FLIPPED], ids=["identity", "flipped"])
+def test_blob_detector_finds_sphere_at_world_position(direction):
+    """A 6 mm ball in the lung is found at its world position (anisotropic voxels, flipped axes too); a brighter
+    ball outside the lung mask (beyond its dilation) is not; vessels (tubes) rank below the ball."""
+    fp = fresh()
+    origin = (60.0, 50.0, -120.0) if direction == FLIPPED else (-60.0, -50.0, -120.0)
+    spacing = (0.8, 0.7, 2.0)
+    shape = (40, 140, 150)
+    vox = lambda zyx: ct_io.voxel_to_world(np.asarray(zyx, float), origin, spacing, direction)
+    inside, outside = vox((18.3, 60.4, 70.2)), vox((20.0, 70.0, 135.0))
+    hu, w = ball_volume(shape, origin, spacing, direction, [(*inside, 3.0, 40.0), (*outside, 4.0, 60.0)],
+                        noise=25, seed=3)
+    axis = vox((0.0, 100.0, 40.0))[:2]
+    tube = ((w[..., :2] - axis) ** 2).sum(-1) <= 1.5 ** 2                     # a vessel along z
+    hu[tube] = 30
+    lung = np.zeros(shape, np.uint8)
+    lung[2:38, 10:130, 10:110] = 1                      # the outside ball sits 25 voxels (20 mm) beyond it
+    xyz, resp = fp.detect_blobs(hu, lung, origin, spacing, direction, 5)
+    assert 1 <= len(xyz) <= 5 and np.all(np.diff(resp) <= 0)
+    assert np.linalg.norm(xyz[0] - inside) < 1.5, (xyz[0], inside)         # the strongest blob: the ball
+    assert (np.linalg.norm(xyz - outside, axis=1) > 8.0).all()
+    assert (np.linalg.norm(xyz[:, None] - xyz[None], axis=2)[np.triu_indices(len(xyz), 1)] > fp.BLOB_MERGE_MM).all()
+    # a stage-5 candidate 2 mm from the ball: the blob there is dropped, not duplicated
+    near = inside + np.array([2.0, 0.0, 0.0])
+    xyz2, _ = fp.detect_blobs(hu, lung, origin, spacing, direction, 5, existing_xyz=near[None])
+    assert (np.linalg.norm(xyz2 - inside, axis=1) > fp.BLOB_MERGE_MM - 1.0).all()
+    assert fp.detect_blobs(hu, np.zeros_like(lung), origin, spacing, direction, 5)[0].shape == (0, 3)
+    # ranking: the Laplacian of Gaussian sees the vessel as a blob of 2/3 the ball's strength; the Hessian's
+    # weakest curvature (BLOB_RANK="hessian", the default) all but ignores it
+    on_tube = lambda p: np.linalg.norm(p[:, :2] - axis, axis=1) < 1.5
+    for rank, most in (("hessian", 0.05), ("log", 1.0)):
+        fp.BLOB_RANK = rank
+        xyz, resp = fp.detect_blobs(hu, lung, origin, spacing, direction, 10)
+        assert np.linalg.norm(xyz[0] - inside) < 1.5 and on_tube(xyz[1:]).all()
+        assert resp[1] < most * resp[0] and (rank == "hessian" or resp[1] > 0.5 * resp[0])
+    fp.BLOB_RANK = "hessian"
+
+
+def test_merge_far_drops_points_near_existing_and_stronger():
+    fp = fresh()
+    pts = np.array([[0.0, 0, 0], [3.0, 0, 0], [20.0, 0, 0], [40.0, 0, 0], [60.0, 0, 0]])
+    assert fp.merge_far(pts, None, 10, merge_mm=5.0).tolist() == [0, 2, 3, 4]     # [3, 0, 0] next to [0, 0, 0]
+    assert fp.merge_far(pts, np.array([[19.0, 1, 0]]), 10, merge_mm=5.0).tolist() == [0, 3, 4]
+    assert fp.merge_far(pts, None, 2, merge_mm=5.0).tolist() == [0, 2]             # at most n
 
 
 # ----------------------------------------------------------------------------- a tiny cohort of stage-1 files
@@ -198,6 +248,31 @@ def test_train_writes_every_output(trained):
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
+def test_blob_candidates_end_to_end(tmp_path):
+    """BLOB_CANDIDATES=4: blobs join every scan's list (training: hard negatives or positives; test: rescored),
+    none within BLOB_MERGE_MM of a stage-5 candidate, at most 4 a scan."""
+    work = str(tmp_path / "blobs")
+    make_run(work, seed=5)
+    rc = fresh().main([f"--WORK_DIR={work}", "--EPOCHS=1", "--BLOB_CANDIDATES=4", *TINY])
+    assert rc == 0
+    out = os.path.join(work, "7_fp_reduction")
+    m, rows = check_outputs(out, 2)
+    detail = list(csv.DictReader(open(os.path.join(out, "candidates_detail.csv"))))
+    blobs = [r for r in detail if r["source"] == "blob"]
+    stage5 = [r for r in detail if r["source"] == "stage5"]
+    assert len(stage5) == 2 * 7 and 1 <= len(blobs) <= 2 * 4 and len(rows) == len(detail)
+    assert m["timing"]["n_blob_candidates"] == len(blobs) and m["timing"]["blob_seconds_per_scan"] > 0
+    assert all(float(r["stage5_probability"]) == 0.0 for r in blobs)
+    xyz = lambda r: np.array([float(r["coordX"]), float(r["coordY"]), float(r["coordZ"])])
+    for b in blobs:
+        assert min(np.linalg.norm(xyz(b) - xyz(c)) for c in stage5 if c["seriesuid"] == b["seriesuid"]) > 5.0
+    # training: no stage-5 candidates on the training scans (6_report covers the test part): blobs are the
+    # candidate patches there, hard negatives (vessels, noise) and positives (on the balls)
+    patches = m["training"]["patches"]
+    assert patches["positive_candidates"] == 3 * 2            # a blob on each training ball
+    assert patches["hard_negatives"] <= 3 * 4
+
+
 def test_resume_continues(trained):
     out = os.path.join(trained, "7_fp_reduction")
     rc = fresh().main([f"--WORK_DIR={trained}", "--EPOCHS=2", "--RESUME=1",
@@ -265,3 +340,37 @@ def test_auc_ranks_with_ties():
     assert fp.auc([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.2]) == 1.0
     assert fp.auc([1, 0], [0.5, 0.5]) == 0.5
     assert fp.auc([0, 0], [0.1, 0.2]) is None
+
+
+def test_scoring_on_dask_matches_the_local_run(trained, tmp_path):
+    """--DASK_SCHEDULER=<LocalCluster, 2 workers>: each scan scored on a worker (its cached model, blobs found
+    there) gives the local run's candidates.csv, candidates_detail.csv and metrics; a failing scan is reported."""
+    distributed = pytest.importorskip("distributed")
+    work = str(tmp_path / "dask")
+    scans = make_run(work, seed=6)
+    model = os.path.join(trained, "7_fp_reduction", "model.keras")
+    common = [f"--WORK_DIR={work}", "--SCANS=all", f"--MODEL={model}", "--BLOB_CANDIDATES=3", "--TTA=2",
+              f"--CANDIDATES={work}/6_report_all/candidates.csv"]
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=40) as cluster:
+        outs = {}
+        for name, extra in (("local", []), ("dask", [f"--DASK_SCHEDULER={cluster.scheduler_address}"])):
+            outs[name] = str(tmp_path / name)
+            assert fresh().main(common + [f"--OUT_DIR={outs[name]}"] + extra) == 0
+        with distributed.Client(cluster) as client:         # the scans ran on the workers: their cached models
+            cached = client.run(lambda: len(getattr(sys.modules.get("fp_reduction"), "_WORKER_MODELS", {})))
+        assert sorted(cached.values()) in ([0, 1], [1, 1]) and len(cached) == 2
+        bad = sorted(scans)[1]
+        with open(os.path.join(work, "1_preprocessed", f"{bad}.h5"), "wb") as f:
+            f.write(b"not hdf5")
+        assert fresh().main(common + [f"--OUT_DIR={tmp_path / 'bad'}",
+                                      f"--DASK_SCHEDULER={cluster.scheduler_address}"]) == 1
+    for name in ("candidates.csv", "candidates_detail.csv"):
+        a, b = (list(csv.reader(open(os.path.join(outs[k], name)))) for k in ("local", "dask"))
+        assert a == b and len(a) > 6 * 7, name
+    ml, md = (json.load(open(os.path.join(outs[k], "metrics.json"))) for k in ("local", "dask"))
+    assert ml["after"] == md["after"] and ml["before"] == md["before"] and md["n_scans"] == 6
+    assert md["timing"]["n_blob_candidates"] == ml["timing"]["n_blob_candidates"] > 0
+    mb = json.load(open(tmp_path / "bad" / "metrics.json"))
+    assert mb["n_scans"] == 6 and mb["n_scans_failed"] == 1
+    assert f"{bad}.h5: not an HDF5 file" in mb["failed_scans"][0]["error"]
