@@ -458,27 +458,6 @@ def with_blobs(scan, xyz, p5):
 
 # ----------------------------------------------------------------------------- stage-1 files and parts
 
-def read_scan(path, arrays=("hu",)):
-    """ct_io.read_scan_h5 with one-line errors naming the file and the problem."""
-    import tables
-    if not os.path.isfile(path):
-        raise ct_io.ScanError(f"{path}: no such stage-1 file")
-    try:
-        ok = tables.is_hdf5_file(path)
-    except Exception:
-        ok = False
-    if not ok:
-        raise ct_io.ScanError(f"{path}: not an HDF5 file (corrupt or truncated)")
-    try:
-        scan = ct_io.read_scan_h5(path, arrays=arrays)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise ct_io.ScanError(f"{path}: unreadable stage-1 file ({type(e).__name__}: {first})") from None
-    if scan[arrays[0]].ndim != 3:
-        raise ct_io.ScanError(f"{path}: /{arrays[0]} is not 3-D: {scan[arrays[0]].shape}")
-    return scan
-
-
 def part_scans(work_dir, part):
     """Stage-1 files of a part ('all' or a part of split.json) -> list of paths (postprocess.scan_list)."""
     import postprocess
@@ -640,7 +619,7 @@ class PatchStore:
             bar = tqdm(paths, desc=f"fp_reduction {what} patches", unit="scan")
             for path in bar:
                 try:
-                    scan = read_scan(path, ("hu", "lung_mask"))
+                    scan = ct_io.read_stage1(path, ("hu", "lung_mask"))
                     a = scan["attrs"]
                     uid = str(a.get("seriesuid", uid_of(path)))
                     geo = (a["origin"], a["spacing"], a["direction"])
@@ -915,7 +894,7 @@ def score_scan(path, model, lookup, side):
     ``model`` -> dict: uid, xyz, p5, p6, is_blob, nodules (xyz, diameter, excluded), blob_seconds, seconds.
     Raises on a scan that cannot be read."""
     t0 = time.perf_counter()
-    scan = read_scan(path, ("hu", "lung_mask") if BLOB_CANDIDATES > 0 else ("hu",))
+    scan = ct_io.read_stage1(path, ("hu", "lung_mask") if BLOB_CANDIDATES > 0 else ("hu",))
     a = scan["attrs"]
     uid = str(a.get("seriesuid", uid_of(path)))
     geo = (a["origin"], a["spacing"], a["direction"])
