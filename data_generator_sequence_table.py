@@ -19,7 +19,10 @@ uniform in +-ROT_DEG degrees, optional zoom; one affine matrix per sample moves 
 (cv2.warpAffine, border replicated), the image bilinear, the label nearest ("nearest"), bilinear then >= 0.5
 ("threshold"), or bilinear then truncated to int ("truncate": the thesis's bug, which shrinks nodules at every
 non-zero angle; for reproduction only). Optional random crops (``crop`` px) holding a nodule with
-probability ``crop_nodule_p``, the rest placed uniformly (negatives).
+probability ``crop_nodule_p``, the rest placed uniformly (negatives). Intensity augmentation (``intensity``:
+{name: (p, low, high)} as the AUG_* constants, or None = off) on top: blur, sharpening, noise, contrast, brightness, gamma, each
+with a probability, worked in HU through the table's per-row slice mean and SD; the lung mask (the zeros of
+the input) and the label are left as they are.
 
 Determinism: the epoch's order is a permutation drawn from (seed, epoch) and each batch's augmentation from
 (seed, epoch, batch index), so the same seed gives the same batches whichever worker computes them and in
@@ -53,8 +56,20 @@ ZOOM = 0.0                     # zoom uniform in [1 - ZOOM, 1 + ZOOM] (thesis: n
 LABEL_INTERP = "nearest"       # "nearest", "threshold" (bilinear >= 0.5) or "truncate" (thesis bug)
 TRAIN_CROP = 0                 # random crop side (px); 0 = whole slice
 CROP_NODULE_P = 0.8            # share of crops placed on a nodule (when the slice has one)
+INTENSITY = True               # intensity augmentation with nasnet_v2_train.py's AUG_* ranges (False: geometry only)
 SEED = 85                      # shuffle and augmentation seed
 N_BATCHES = 20                 # batches read by the demo
+
+# intensity augmentation: the ranges are nasnet_v2_train.py's AUG_* constants, (probability, low, high) each
+PIVOT_HU = -850.0                    # contrast pivot: lung parenchyma stays where it is
+INTENSITY_NAMES = ("blur", "sharpen", "noise", "contrast", "brightness", "gamma")
+_GAMMA_WINDOW = (-1000.0, 400.0)
+
+
+def intensity_settings(namespace):
+    """{name: (p, low, high)} from a namespace's AUG_<NAME> constants (nasnet_v2_train.py's)."""
+    return {n: namespace["AUG_" + n.upper()] for n in INTENSITY_NAMES}
+
 
 _LOCK = threading.Lock()       # serialises HDF5 reads of the threads of one process
 
@@ -96,7 +111,7 @@ class SliceTableDataset(_PyDataset):
 
     def __init__(self, path, indexes, batch_size=12, augment=True, flip=True, rot_deg=6.0, zoom=0.0,
                  label_interp="nearest", shuffle=True, drop_last=True, seed=85, crop=0, crop_nodule_p=0.8,
-                 one_hot=True, max_batches=0, sampling="slice", neg_fraction=0.3, **kwargs):
+                 one_hot=True, max_batches=0, sampling="slice", neg_fraction=0.3, intensity=None, **kwargs):
         if _PyDataset is not object:
             super().__init__(**kwargs)
         if label_interp not in ("nearest", "threshold", "truncate"):
@@ -115,6 +130,11 @@ class SliceTableDataset(_PyDataset):
                                  "with this table.py)")
             if sampling == "nodule":
                 meta = (rows.col("seriesuid"), rows.col("nodule_ids"), rows.col("n_nodule_pixels"))
+            if intensity and "hu_std" not in rows.colnames:
+                raise ValueError(f"{path}: intensity augmentation needs the table's hu_mean/hu_std columns "
+                                 "(rebuild it with this table.py, or set INTENSITY=False)")
+            self.hu_stats = (np.stack([rows.col("hu_mean"), rows.col("hu_std")], 1).astype(np.float32)
+                             if intensity else None)
         self.indexes = np.asarray(indexes, dtype=np.int64).ravel()
         if len(self.indexes) and (self.indexes.min() < 0 or self.indexes.max() >= n_rows):
             raise ValueError(f"{path}: indexes outside the table's {n_rows} rows")
@@ -126,6 +146,7 @@ class SliceTableDataset(_PyDataset):
         self.crop_nodule_p, self.one_hot = float(crop_nodule_p), one_hot
         self.max_batches = int(max_batches)         # > 0: an epoch is the first max_batches batches of its order
         self.sampling, self.neg_fraction = sampling, float(neg_fraction)
+        self.intensity = check_intensity(intensity) if intensity else None
         if sampling == "nodule":
             self._row_weights(*meta)
         self._h5, self._pid = None, None
@@ -303,8 +324,11 @@ class SliceTableDataset(_PyDataset):
         h, w, c = self.image_shape
         x = np.empty((len(rows), h, w, c), np.float32)
         y = np.empty((len(rows), h, w), np.uint8)
-        for i in range(len(rows)):
+        irng = np.random.default_rng([self.seed, self.epoch, int(index), 1])   # its own stream: the geometry
+        for i in range(len(rows)):                                            # is the same with it on or off
             x[i], y[i] = self.augment_sample(images[i], labels[i], rng)
+            if self.augment and self.intensity:
+                x[i] = intensity_augment(x[i], *self.hu_stats[rows[i]], self.intensity, irng)
         if not self.one_hot:
             return x, y[..., None].astype(np.float32)
         onehot = np.empty((len(rows), h, w, 2), np.float32)
@@ -313,14 +337,66 @@ class SliceTableDataset(_PyDataset):
         return x, onehot
 
 
+def check_intensity(aug):
+    """{name: (p, low, high)} -> the same with float tuples; refuses unknown names and bad ranges."""
+    out = {}
+    for name, v in dict(aug).items():
+        if name not in INTENSITY_NAMES:
+            raise ValueError(f"intensity augmentation {name!r}: expected one of {', '.join(INTENSITY_NAMES)}")
+        if len(v) != 3 or not 0.0 <= float(v[0]) <= 1.0 or float(v[1]) > float(v[2]):
+            raise ValueError(f"intensity augmentation {name}={v!r}: expected (probability in [0, 1], low, high)")
+        out[name] = tuple(float(t) for t in v)
+    return out
+
+
+def intensity_augment(image, hu_mean, hu_std, aug, rng):
+    """The intensity augmentation of one input (h, w[, C]) float32 (z-scored HU times the lung mask): each
+    transform of ``aug`` ({name: (p, low, high)}) applied with probability p, its value uniform in [low, high],
+    in INTENSITY_NAMES's order. Works in HU: hu = x * hu_std + hu_mean; pixels that were 0 (outside the lungs)
+    stay 0. Returns a new float32 array."""
+    from scipy import ndimage as ndi
+    x = np.asarray(image, np.float32)
+    inside = x != 0
+    hu = x * np.float32(hu_std) + np.float32(hu_mean)
+    plane = (1.5, 1.5) + (0,) * (hu.ndim - 2)
+    for name in INTENSITY_NAMES:
+        if name not in aug:
+            continue
+        p, lo, hi = aug[name]
+        if rng.random() >= p:
+            continue
+        v = rng.uniform(lo, hi)
+        if name == "blur":
+            hu = ndi.gaussian_filter(hu, (v, v) + (0,) * (hu.ndim - 2), truncate=2.5)
+        elif name == "sharpen":
+            hu = hu + v * (hu - ndi.gaussian_filter(hu, plane, truncate=2.5))
+        elif name == "noise":
+            n = ndi.gaussian_filter(rng.standard_normal(hu.shape[:2]).astype(np.float32), 0.7, truncate=2.5)
+            n /= max(float(n.std()), 1e-6)
+            hu = hu + v * (n if hu.ndim == 2 else n[..., None])
+        elif name == "contrast":
+            hu = PIVOT_HU + v * (hu - PIVOT_HU)
+        elif name == "brightness":
+            hu = hu + v
+        elif name == "gamma":
+            a, b = _GAMMA_WINDOW
+            u = (hu - a) / (b - a)
+            win = (u > 0) & (u < 1)
+            hu = np.where(win, a + (b - a) * np.clip(u, 0, 1) ** v, hu)
+    out = (hu - np.float32(hu_mean)) / np.float32(hu_std if hu_std else 1.0)
+    return np.where(inside, out, 0.0).astype(np.float32)
+
+
 def main(argv=None):
     from tqdm import tqdm
     from configurator import configure
+    import nasnet_v2_train
     configure(globals(), argv)
     table = TABLE or os.path.join(WORK_DIR, "2_table", "slices.h5")
     index = np.load(INDEX or os.path.join(WORK_DIR, "3_split", "train_idx.npy"))
     ds = SliceTableDataset(table, index, batch_size=BATCH_SIZE, rot_deg=ROT_DEG, zoom=ZOOM,
-                           label_interp=LABEL_INTERP, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P, seed=SEED)
+                           label_interp=LABEL_INTERP, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P, seed=SEED,
+                           intensity=intensity_settings(vars(nasnet_v2_train)) if INTENSITY else None)
     n = min(N_BATCHES, len(ds))
     t0 = time.time()
     for i in tqdm(range(n), desc="batches"):

@@ -54,6 +54,14 @@ ZOOM = 0.0                     # zoom uniform in [1 - ZOOM, 1 + ZOOM] (thesis: n
 LABEL_INTERP = "nearest"       # rotated labels: "nearest", "threshold" (bilinear >= 0.5), "truncate" (thesis bug)
 TRAIN_CROP = 0                 # train on random crops of this side (px, multiple of 32); 0 = whole slices (thesis)
 CROP_NODULE_P = 0.8            # share of training crops placed on a nodule
+INTENSITY = True               # intensity augmentation (blur, sharpen, noise, contrast, brightness, gamma in HU,
+                               # each (probability, low, high) below); False = geometry only, as the thesis
+AUG_BLUR = (0.15, 0.3, 1.0)    # (probability, low, high): Gaussian blur sigma, px (a softer reconstruction kernel)
+AUG_SHARPEN = (0.15, 0.3, 1.5) # unsharp-mask gain, sigma 1.5 px (a sharper kernel)
+AUG_NOISE = (0.3, 5.0, 40.0)   # added correlated noise SD, HU, 0.7 px grain (a lower dose)
+AUG_CONTRAST = (0.3, 0.75, 1.3)    # contrast factor about -850 HU (denser or fainter nodules and vessels)
+AUG_BRIGHTNESS = (0.3, -50.0, 50.0)  # HU shift (calibration, depth of inspiration)
+AUG_GAMMA = (0.3, 0.7, 1.4)    # gamma on the [-1000, 400] HU window (values outside it left alone)
 SAMPLING = "slice"             # "slice": every table row once per epoch (thesis); "nodule": each nodule equally likely
                                # (small ones as often as large), crops on one nodule / on vessel look-alikes
 NEG_FRACTION = 0.3             # SAMPLING="nodule": share of each epoch drawn among slices without nodules
@@ -337,7 +345,7 @@ def main(argv=None):
 def _train(cfg):
     import nasnet_v2  # noqa: F401  (first: it sets TensorFlow's CPU allocator before any tensor exists)
     import keras
-    from data_generator_sequence_table import SliceTableDataset
+    from data_generator_sequence_table import SliceTableDataset, intensity_settings
     import table as table_mod
 
     table_path = TABLE or os.path.join(WORK_DIR, "2_table", "slices.h5")
@@ -356,7 +364,8 @@ def _train(cfg):
     workers = dict(workers=WORKERS, use_multiprocessing=USE_MULTIPROCESSING) if WORKERS else {}
     train = SliceTableDataset(table_path, train_idx, batch_size=BATCH_SIZE, augment=AUGMENT, rot_deg=ROT_DEG,
                               zoom=ZOOM, label_interp=LABEL_INTERP, shuffle=True, seed=SEED, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P,
-                              max_batches=STEPS_PER_EPOCH, sampling=SAMPLING, neg_fraction=NEG_FRACTION, **workers)
+                              max_batches=STEPS_PER_EPOCH, sampling=SAMPLING, neg_fraction=NEG_FRACTION,
+                              intensity=intensity_settings(globals()) if INTENSITY else None, **workers)
     train_bn = SliceTableDataset(table_path, train_idx, batch_size=BATCH_SIZE, augment=False, shuffle=True,
                                  seed=SEED + 1, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P)
     val = SliceTableDataset(table_path, val_idx, batch_size=BATCH_SIZE, augment=False, shuffle=False,

@@ -194,9 +194,10 @@ class InputGeometry:
                          for k0, k1, t in self.channels(z)], axis=-1)
 
 
-def normalise_slices(hu_slices, lung_slices):
+def normalise_slices(hu_slices, lung_slices, return_stats=False):
     """HU slices (k, Y, X) and their lung masks -> float32 (k, Y, X): each slice z-scored with the mean and
-    standard deviation of the WHOLE slice, times the lung mask (the thesis's input, before the crop)."""
+    standard deviation of the WHOLE slice, times the lung mask (the thesis's input, before the crop).
+    ``return_stats``: also the slices' HU means and SDs (k,) (what converts the input back to HU)."""
     hu = np.asarray(hu_slices)
     lung = np.asarray(lung_slices)
     if hu.ndim == 2:
@@ -209,7 +210,7 @@ def normalise_slices(hu_slices, lung_slices):
     out -= mean.astype(np.float32)[:, None, None]
     out /= std.astype(np.float32)[:, None, None]
     out *= lung > 0
-    return out
+    return (out, mean, std) if return_stats else out
 
 
 def context_indexes(z, n_z, context_slices=1):
@@ -340,13 +341,14 @@ def scan_rows(path, crop=CROP, context_slices=CONTEXT_SLICES, neg_per_scan=NEG_P
         shape = (len(chosen), h, w) + ((context_slices,) if context_slices > 1 else ())
         data = np.empty(shape, np.float32)
         truth = np.empty((len(chosen), h, w), np.uint8)
-        cache = {}                                     # normalised input-grid slices, each HU slice read once
+        cache, stats = {}, {}                          # normalised input-grid slices, each HU slice read once
         meta = []
         for i, (z, reason) in enumerate(chosen):
             lo, hi = g.slices_needed(z, z + 1)
             for k in range(lo, hi):
                 if k not in cache:
-                    cache[k] = g.to_input(normalise_slices(hu[k], lung[k]))[0]
+                    norm, mean, std = normalise_slices(hu[k], lung[k], return_stats=True)
+                    cache[k], stats[k] = g.to_input(norm)[0], (float(mean[0]), float(std[0]))
             x = g.stack(cache, 0, z)                   # cache is keyed by slice index: offset 0
             data[i] = x[..., 0] if context_slices == 1 else x
             truth[i] = g.to_input((nod_mask[z] > 0)[None])[0] >= 0.5
@@ -357,9 +359,10 @@ def scan_rows(path, crop=CROP, context_slices=CONTEXT_SLICES, neg_per_scan=NEG_P
                              subset=luna16_subset(attrs.get("source_path", "")), z=z, n_z=n_z,
                              n_nodule_pixels=int(truth[i].sum()), n_lung_pixels=int(round(lung_fraction[z] * h * w)),
                              y0=y0, x0=x0, height=bh, width=bw, reason=reason,
-                             scan_pixel_mm=spacing[0], scan_slice_mm=spacing[2], nodule_ids=ids))
+                             scan_pixel_mm=spacing[0], scan_slice_mm=spacing[2], nodule_ids=ids,
+                             hu_mean=stats[z][0], hu_std=stats[z][1]))
             for k in [k for k in cache if k < lo - 1]:
-                del cache[k]
+                del cache[k], stats[k]
     return meta, data, truth
 
 
@@ -385,6 +388,8 @@ def _slice_description():
         scan_pixel_mm = tables.Float32Col(pos=13)           # the scan's in-plane pixel size (x spacing), mm
         scan_slice_mm = tables.Float32Col(pos=14)           # the scan's slice spacing, mm
         nodule_ids = tables.Int16Col(shape=(_MAX_IDS,), pos=15)  # stage-1 labels k of the nodules on the slice, 0-padded
+        hu_mean = tables.Float32Col(pos=16)                 # HU mean and SD of slice z (its input = (HU - mean) / SD
+        hu_std = tables.Float32Col(pos=17)                  # in the lungs): what intensity augmentation works in
     return SliceRow
 
 

@@ -268,3 +268,90 @@ def test_nodule_sampling_crops_on_either_nodule_of_a_slice(tmp_path):
         y0, x0 = ds_neg._crop_origin(None, image[0], label[0], rng)
         crop = centre_ch[y0:y0 + 32, x0:x0 + 32] * (label[0][y0:y0 + 32, x0:x0 + 32] == 0)
         assert crop.max() > np.percentile(lung_vals, 98)
+
+
+# ----------------------------------------------------------------------------- intensity augmentation
+
+def _hu_stats(path, rows):
+    import tables
+    with tables.open_file(path) as h5:
+        return h5.root.slices.col("hu_mean")[rows], h5.root.slices.col("hu_std")[rows]
+
+
+def test_table_rows_carry_the_slice_hu_statistics(table_path):
+    """hu_mean / hu_std are the raw slice's: the input times the SD plus the mean gives back the HU inside
+    the lungs (raw-pixel table: the input pixel is the scan pixel)."""
+    import tables
+    from table import read_scan_h5
+    with tables.open_file(table_path) as h5:
+        r = h5.root.slices[0]
+        x = h5.root.data[0]
+    d = os.path.join(os.path.dirname(os.path.dirname(table_path)), "1_preprocessed")
+    scan = read_scan_h5(os.path.join(d, r["seriesuid"].decode() + ".h5"), arrays=("hu", "lung_mask"))
+    hu = scan["hu"][r["z"]].astype(np.float64)
+    assert r["hu_mean"] == pytest.approx(hu.mean(), rel=1e-5) and r["hu_std"] == pytest.approx(hu.std(), rel=1e-5)
+    crop = hu[r["y0"]:r["y0"] + r["height"], r["x0"]:r["x0"] + r["width"]]
+    inside = x != 0
+    np.testing.assert_allclose(x[inside] * r["hu_std"] + r["hu_mean"], crop[inside], atol=0.05)
+
+
+@pytest.mark.parametrize("name,value", [("contrast", 1.3), ("contrast", 0.75), ("brightness", 50.0),
+                                        ("brightness", -50.0), ("gamma", 0.7), ("gamma", 1.4), ("noise", 40.0),
+                                        ("blur", 1.0), ("sharpen", 1.5)])
+def test_each_intensity_transform_in_hu(name, value):
+    """Each transform alone, with p = 1 and a one-value range, does in HU what it says: contrast about -850 HU,
+    brightness a shift, gamma on the [-1000, 400] window (monotonic, ends fixed), noise of the given SD, blur
+    lowers and sharpening raises the edge contrast; outside the lungs (0) stays 0."""
+    from data_generator_sequence_table import intensity_augment, check_intensity
+    mean, std = -400.0, 500.0
+    hu = np.full((64, 64), -850.0, np.float32)
+    hu[24:40, 24:40] = 40.0                                   # a nodule-like square in lung
+    lung = np.zeros((64, 64), bool)
+    lung[8:56, 8:56] = True
+    x = np.where(lung, (hu - mean) / std, 0.0).astype(np.float32)
+    out = intensity_augment(x, mean, std, check_intensity({name: (1.0, value, value)}), np.random.default_rng(0))
+    assert out.dtype == np.float32 and out.shape == x.shape
+    assert (out[~lung] == 0).all()
+    back = out * std + mean
+    if name == "contrast":
+        assert back[30, 30] == pytest.approx(-850 + value * 890, abs=0.1) and back[12, 12] == pytest.approx(-850, abs=0.1)
+    elif name == "brightness":
+        np.testing.assert_allclose(back[lung], hu[lung] + value, atol=0.1)
+    elif name == "gamma":
+        u = (40.0 + 1000) / 1400
+        assert back[30, 30] == pytest.approx(-1000 + 1400 * u ** value, abs=0.1)
+        assert (back[30, 30] > 40) == (value < 1)
+    elif name == "noise":
+        d = (back - hu)[lung]
+        assert d.std() == pytest.approx(value, rel=0.15) and abs(d.mean()) < 3
+    else:
+        edge = back[30, 40] - back[30, 39]                    # across the square's right edge (step of -890 HU)
+        assert (edge > -890) if name == "blur" else (edge < -890)
+
+
+def test_intensity_augmentation_leaves_labels_and_respects_ranges(table_path):
+    """Through the dataset: labels are exactly those of geometry-only augmentation with the same seed (the
+    intensity draws come after the geometry's), images differ, the per-row HU shift stays within what the
+    ranges allow, and bad settings are refused."""
+    from data_generator_sequence_table import check_intensity
+    rows = _nodule_rows(table_path)
+    geo = SliceTableDataset(table_path, rows, batch_size=2, shuffle=False, seed=3)
+    only_brightness = {"brightness": (1.0, -50.0, 50.0)}
+    aug = SliceTableDataset(table_path, rows, batch_size=2, shuffle=False, seed=3, intensity=only_brightness)
+    mean, std = _hu_stats(table_path, rows)
+    for b in range(len(geo)):
+        (xg, yg), (xa, ya) = geo[b], aug[b]
+        np.testing.assert_array_equal(yg, ya)
+        assert not np.array_equal(xg, xa)
+        for i in range(len(xg)):
+            r = b * 2 + i
+            inside = xg[i] != 0
+            shift = (xa[i] - xg[i])[inside] * std[r]             # HU
+            assert shift.std() < 1e-2 and -50.0 - 1e-2 <= shift.mean() <= 50.0 + 1e-2
+            assert ((xa[i] != 0) == inside).all()
+    with pytest.raises(ValueError, match="expected one of"):
+        check_intensity({"hue": (0.5, 0, 1)})
+    with pytest.raises(ValueError, match="probability"):
+        check_intensity({"noise": (1.5, 0, 1)})
+    with pytest.raises(ValueError, match="probability"):
+        check_intensity({"noise": (0.5, 3, 1)})
