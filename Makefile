@@ -38,7 +38,7 @@ DEMO_BASELINE_TRAIN ?= $(DEMO_TRAIN) --VARIANT=unet --EPOCHS=1000 --MAX_MINUTES=
 DEMO_BASELINE_POST ?= $(DEMO_POST) --MODEL=$(DEMO_WORK)/4_model_unet/best.keras \
                       --PRED_DIR=$(DEMO_WORK)/5_predictions_unet --REPORT_DIR=$(DEMO_WORK)/6_report_unet
 
-.PHONY: test demo demo-data demo-baseline demo-context1 demo-ablation train-long bench install clean
+.PHONY: test demo demo-data demo-baseline demo-context1 demo-ablation demo-appearance demo-appearance-ablation train-long bench install clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -112,6 +112,25 @@ demo-ablation: install
 	$(call stage,5 postprocess stem tap,postprocess.py,DEMO_ABL_STEM_POST)
 	$(PY) benchmarks/compare_runs.py "--RUNS=('demo=$(DEMO_WORK)/6_report','slice sampling=$(DEMO_WORK)/6_report_slice','stem tap=$(DEMO_WORK)/6_report_stem')" \
 	  --OUT=$(DEMO_WORK)/ablation.md
+
+# Issue-19 cross-appearance check: the demo's models (stages 5 and 6) on a held-out cohort rendered with another
+# seed and appearance ranges never used in training (benchmarks/appearance_check.py: sharper kernels, more noise,
+# vaguer margins, fainter solid nodules, ...); nothing is trained. demo-appearance-ablation: the same demo trained
+# without intensity augmentation (INTENSITY=False) on the same data and split, tested on both parts (its candidates
+# rescored by the demo's stage-6 model).
+DEMO_NOINT_TRAIN ?= $(DEMO_TRAIN) --INTENSITY=False --OUT_DIR=$(DEMO_WORK)/4_model_noint
+DEMO_NOINT_POST ?= $(call DEMO_ABL_POST,noint)
+DEMO_NOINT_FP ?= $(DEMO_FP) --MODEL=$(DEMO_WORK)/7_fp_reduction/model.keras --CANDIDATES_DIR=$(DEMO_WORK)/6_report_noint \
+                 --OUT_DIR=$(DEMO_WORK)/7_fp_reduction_noint
+demo-appearance: install
+	@test -f $(DEMO_WORK)/6_report/metrics.json || { echo "run make demo first: its models are tested"; exit 1; }
+	$(PY) benchmarks/appearance_check.py --RUN=$(DEMO_WORK)
+demo-appearance-ablation: install
+	@test -f $(DEMO_WORK)/6_report/metrics.json || { echo "run make demo first: its data and stage-6 model are used"; exit 1; }
+	$(call stage,4 train INTENSITY=False,nasnet_v2_train.py,DEMO_NOINT_TRAIN)
+	$(call stage,5 postprocess INTENSITY=False,postprocess.py,DEMO_NOINT_POST)
+	$(call stage,6 rescoring INTENSITY=False,fp_reduction.py,DEMO_NOINT_FP)
+	$(PY) benchmarks/appearance_check.py --RUN=$(DEMO_WORK) --TAG=noint
 
 # The long preset: 4x the demo's cohort (the demo's 24 scans are the first 24 of it: same SEED), tested on the
 # demo's 6 test patients (TEST_FROM: the demo's split, made first if missing), 90 minutes of training on this

@@ -139,3 +139,93 @@ def test_lidc_series_opens_in_pydicom_ct_io_and_pylidc(cohort, tmp_path, monkeyp
             vol = np.stack([im.pixel_array * float(im.RescaleSlope) + float(im.RescaleIntercept)
                             for im in images], axis=-1)
             assert vol[bb][m].mean() > -750
+
+
+# ----------------------------------------------------------------------------- appearance (style) options
+
+_PLAIN = dict(NOISE_HU=(0.0, 0.0), BLUR_PX=(0.0, 0.0), SHARPEN=(0.0, 0.0), BLUR_Z=(0.0, 0.0), MARGIN_MM=(0.0, 0.0),
+              NODULE_TEXTURE_HU=(0.0, 0.0), P_SPICULATED=0.0, KIND_WEIGHTS=(1.0, 0.0, 0.0), MAX_EXCLUDED=0)
+
+
+def _scan(**kw):
+    cfg = dict(SMALL, **kw)
+    return S.make_luna_scan(2, 7, dict(S.configurator.constants(vars(S)), **cfg), n_nodules=3)
+
+
+def _shell(mask, inner, outer, spacing_zyx):
+    """Voxels between inner and outer mm outside the mask."""
+    from scipy import ndimage as ndi
+    d = ndi.distance_transform_edt(mask == 0, sampling=spacing_zyx)
+    return (d > inner) & (d <= outer)
+
+
+def test_style_draws_respect_their_ranges_and_are_recorded():
+    """Each scan's style lies inside the ranges (and equals a one-value range); each nodule's draws too."""
+    ranges = dict(NOISE_HU=(12.0, 14.0), NOISE_GRAIN_PX=(0.75, 0.75), BLUR_PX=(0.6, 0.7), SHARPEN=(0.2, 0.3),
+                  BLUR_Z=(0.5, 0.5), LUNG_HU=(-870.0, -860.0), VESSEL_CALIBRE=(1.1, 1.2), VESSEL_DEPTH=(10, 10),
+                  MARGIN_MM=(0.4, 0.6), NODULE_TEXTURE_HU=(5.0, 6.0), SOLID_HU=(10.0, 20.0), GGO_HU=(-500.0, -400.0),
+                  P_SPICULATED=1.0, SPICULES=(3, 3))
+    s = _scan(**ranges)
+    st = s["style"]
+    for key, name in (("noise_hu", "NOISE_HU"), ("noise_grain_px", "NOISE_GRAIN_PX"), ("blur_px", "BLUR_PX"),
+                      ("sharpen", "SHARPEN"), ("blur_z", "BLUR_Z"), ("lung_hu", "LUNG_HU"),
+                      ("vessel_calibre", "VESSEL_CALIBRE"), ("vessel_depth", "VESSEL_DEPTH")):
+        lo, hi = ranges[name]
+        assert lo <= st[key] <= hi, key
+    nod = s["nodules"]
+    assert len(nod) == 3 and (nod["spicules"] == 3).all()
+    assert ((nod["margin_mm"] >= 0.4) & (nod["margin_mm"] <= 0.6)).all()
+    assert ((nod["texture_hu"] >= 5) & (nod["texture_hu"] <= 6)).all()
+    for r in nod:
+        lo, hi = ranges["GGO_HU"] if r["kind"] == b"ground-glass" else ranges["SOLID_HU"]
+        assert lo <= r["hu"] <= hi
+
+
+def test_style_changes_the_look_never_the_anatomy_or_the_nodules():
+    """The appearance has its own random stream: other ranges give other images but the same lung mask, the
+    same nodule masks and the same truth positions; the same ranges give the same bytes."""
+    a, b = _scan(), _scan(NOISE_HU=(40.0, 40.0), SHARPEN=(1.2, 1.2), MARGIN_MM=(1.5, 1.5), P_SPICULATED=1.0,
+                          SOLID_HU=(90.0, 90.0), LUNG_HU=(-900.0, -900.0))
+    assert not np.array_equal(a["hu"], b["hu"])
+    np.testing.assert_array_equal(a["nodule_mask"], b["nodule_mask"])
+    np.testing.assert_array_equal(a["excluded_mask"], b["excluded_mask"])
+    for k in ("center_z", "center_y", "center_x", "diameter_mm", "n_voxels"):
+        np.testing.assert_array_equal(a["nodules"][k], b["nodules"][k])
+    np.testing.assert_array_equal(_scan()["hu"], a["hu"])
+
+
+def test_nodule_density_noise_and_lung_hu_are_what_was_asked():
+    """With blur and noise off, a solid nodule's interior is its SOLID_HU and the lung its LUNG_HU (plus the
+    parenchyma texture and gradient); NOISE_HU adds noise of that SD (same scan, noise the only difference)."""
+    s = _scan(**dict(_PLAIN, SOLID_HU=(100.0, 100.0), LUNG_HU=(-870.0, -870.0)))
+    from scipy import ndimage as ndi
+    sp = np.array(s["spacing"])[::-1]
+    deep = ndi.distance_transform_edt(s["nodule_mask"] > 0, sampling=sp) > 2.5
+    assert deep.sum() > 20
+    assert abs(np.median(s["hu"][deep]) - 100) < 10                   # 12 HU white noise in nodules
+    lung = (s["lung_mask"] > 0) & (s["nodule_mask"] == 0)
+    assert abs(np.median(s["hu"][lung]) - (-870)) < 40
+    noisy = _scan(**dict(_PLAIN, SOLID_HU=(100.0, 100.0), LUNG_HU=(-870.0, -870.0), NOISE_HU=(30.0, 30.0)))
+    d = (noisy["hu"].astype(float) - s["hu"])[lung]
+    assert abs(d.std() - 30) < 3
+
+
+def test_margins_spicules_and_sharpening_change_the_image_where_they_should():
+    """A wide margin makes the voxels just outside each nodule denser (and the ones just inside fainter);
+    spicules add density 1-6 mm outside the nodules that a smooth nodule does not have; a sharp kernel
+    overshoots at edges (a larger spread of HU differences between neighbours)."""
+    base = _scan(**_PLAIN)
+    sp = np.array(base["spacing"])[::-1]
+    m = base["nodule_mask"]
+    near = _shell(m, 0.0, 1.01 * sp.max(), sp) & (base["lung_mask"] > 0)     # the first voxels outside
+    wide = _scan(**dict(_PLAIN, MARGIN_MM=(4.0, 4.0)))
+    assert wide["hu"][near].mean() > base["hu"][near].mean() + 100
+    spic = _scan(**dict(_PLAIN, P_SPICULATED=1.0, SPICULES=(10, 10)))
+    ring = _shell(m, 1.0, 6.0, sp) & (base["lung_mask"] > 0)
+    gained = (spic["hu"][ring].astype(float) - base["hu"][ring]) > 150     # strands thinner than these 2.2 mm voxels
+    assert gained.sum() >= 5 and (spic["nodules"]["spicules"] == 10).all()
+    np.testing.assert_array_equal(spic["nodule_mask"], m)
+    soft = _scan(**dict(_PLAIN, BLUR_PX=(0.8, 0.8)))
+    sharp = _scan(**dict(_PLAIN, BLUR_PX=(0.8, 0.8), SHARPEN=(1.5, 1.5)))
+    lap = [np.abs(np.diff(v["hu"].astype(float), axis=2))[v["lung_mask"][:, :, 1:] > 0].mean() for v in (soft, sharp)]
+    assert lap[1] > 1.3 * lap[0]
