@@ -73,6 +73,10 @@ THRESHOLD = 0.5                 # a voxel is nodule when its probability is abov
 CANDIDATE_THRESHOLD = 0.05      # candidates: components of prob above this; low, so the FROC reaches 8 FP/scan
 MAX_CANDIDATES = 100            # candidates kept per scan, the highest scored (LUNA16's evaluation keeps at most 100)
 CANDIDATE_PEAK = 0.5            # a candidate's center: center of mass of its voxels >= this fraction of its maximum
+CANDIDATE_SPLIT_MM = 0.0        # > 0: every local maximum of a component (none higher within this many mm along each
+                                # axis) is a candidate of its own, so a faint small nodule touching a vessel's component
+                                # is not hidden behind the vessel's maximum; 0 = one candidate per component
+CANDIDATE_SPLIT_DIP = 0.3       # ... if the probability dips by this share of its maximum towards the nearest higher one
 LUNG_GATE = True                # probability outside the stage-1 lung mask is set to 0 (the network's input is 0 there)
 BINARIZE = "threshold"          # or "kmeans": the thesis's per-slice 2-cluster K-means + erosion (reproduction only)
 KMEANS_EROSION = 3              # BINARIZE="kmeans": side in pixels of the square erosion element (0 = none)
@@ -132,7 +136,8 @@ def _center(inside, box):
     return center
 
 
-def find_candidates(prob, threshold=None, max_candidates=None, min_voxels=1, connectivity=3, peak=None):
+def find_candidates(prob, threshold=None, max_candidates=None, min_voxels=1, connectivity=3, peak=None,
+                    split_mm=None, spacing_zyx=(1.0, 1.0, 1.0)):
     """The candidates of one scan -> array of COMPONENT_DTYPE, highest probability first.
 
     Candidates are the 3D components of prob > ``threshold`` (default CANDIDATE_THRESHOLD) of at least
@@ -140,10 +145,19 @@ def find_candidates(prob, threshold=None, max_candidates=None, min_voxels=1, con
     (default MAX_CANDIDATES) are kept, the highest scored, by LUNA16's rule (metrics.top_candidates). A
     candidate's center is the center of mass of its voxels with probability >= ``peak`` (default
     CANDIDATE_PEAK) times its maximum, so a faint halo or a touching vessel does not pull it off its nodule;
-    n_voxels counts the whole component; label is its number among the components at that threshold."""
+    n_voxels counts the whole component; label is its number among the components at that threshold.
+
+    ``split_mm`` > 0 (default CANDIDATE_SPLIT_MM): each local maximum of a component (a voxel no lower than any
+    within +-split_mm / 2 along each axis, ``spacing_zyx`` in mm; a plateau counts once; kept if the probability
+    dips by CANDIDATE_SPLIT_DIP of its value towards the nearest higher maximum of its component) is a candidate,
+    scored by its probability: a faint nodule touching a vessel's component becomes a candidate of its own, the
+    ripples on a large nodule's flat top do not. The component is divided between its kept maxima by a
+    watershed of the probability; a candidate is centred on its part's voxels >= ``peak`` x its maximum, and
+    n_voxels counts its part."""
     threshold = CANDIDATE_THRESHOLD if threshold is None else threshold
     max_candidates = MAX_CANDIDATES if max_candidates is None else max_candidates
     peak = CANDIDATE_PEAK if peak is None else peak
+    split_mm = CANDIDATE_SPLIT_MM if split_mm is None else split_mm
     prob = np.asarray(prob)
     structure = ndimage.generate_binary_structure(3, connectivity)
     labels, n = ndimage.label(prob > threshold, structure=structure)
@@ -152,6 +166,8 @@ def find_candidates(prob, threshold=None, max_candidates=None, min_voxels=1, con
     fg = labels > 0
     lab = labels[fg]
     sizes = np.bincount(lab, minlength=n + 1)[1:]
+    if split_mm > 0:
+        return _split_candidates(prob, labels, sizes, max_candidates, min_voxels, split_mm, spacing_zyx, peak)
     scores = np.full(n + 1, -np.inf)
     np.maximum.at(scores, lab, prob[fg])             # each component's maximum (ndimage.maximum: 100x slower)
     scores = scores[1:]
@@ -166,6 +182,59 @@ def find_candidates(prob, threshold=None, max_candidates=None, min_voxels=1, con
         inside = labels[box] == j + 1
         core = inside & (p >= peak * scores[j])
         cands[i] = (j + 1, int(sizes[j]), *_center(core if core.any() else inside, box), scores[j])
+    return cands
+
+
+def _split_candidates(prob, labels, sizes, max_candidates, min_voxels, split_mm, spacing_zyx, peak):
+    """find_candidates with split_mm > 0: the local maxima of the components (see there)."""
+    box = ndimage.find_objects((labels > 0).astype(np.int8))[0]         # the components' bounding box
+    p = np.where(labels[box] > 0, np.asarray(prob[box], np.float32), np.float32(-1))
+    size = [max(1, int(round(split_mm / float(s)))) | 1 for s in spacing_zyx]     # odd window, voxels
+    top = ndimage.maximum_filter(p, size=size, mode="constant", cval=-1)
+    lab = labels[box]
+    keep = (p >= top) & (lab > 0)
+    keep &= sizes[np.maximum(lab, 1) - 1] >= min_voxels
+    peaks, n_peaks = ndimage.label(keep, structure=np.ones((3, 3, 3), bool))   # a plateau is one maximum
+    if n_peaks == 0:
+        return np.zeros(0, COMPONENT_DTYPE)
+    idx = np.arange(1, n_peaks + 1)
+    scores = np.asarray(ndimage.maximum(p, peaks, idx), np.float64)
+    centres = np.asarray(ndimage.center_of_mass(keep, peaks, idx), np.float64).reshape(-1, 3)
+    comps = np.asarray(ndimage.maximum(lab, peaks, idx), np.int64)
+    # a maximum is kept when the probability dips by at least SPLIT_DIP of its value on the straight line to the
+    # nearest higher maximum of its component (the line's voxels inside the component) (the component's highest is always kept): the ripples on the
+    # flat top of a large nodule at ~0.99 are one candidate, a faint nodule beside a vessel is its own
+    mm = centres * np.asarray(spacing_zyx, np.float64)
+    alive = np.ones(n_peaks, bool)
+    t = np.linspace(0.0, 1.0, 24)[:, None]
+    for j in range(n_peaks):
+        higher = np.nonzero((comps == comps[j]) & (scores > scores[j]))[0]
+        if len(higher) == 0:
+            continue
+        k = higher[np.argmin(((mm[higher] - mm[j]) ** 2).sum(axis=1))]
+        line = centres[j] + t * (centres[k] - centres[j])
+        vals = ndimage.map_coordinates(p, line.T, order=0, mode="nearest")     # voxel values; a line leaving the
+        low = float(vals[vals >= 0].min())                                      # component (-1) is not a dip
+        alive[j] = scores[j] - low >= CANDIDATE_SPLIT_DIP * scores[j]
+    survivors = np.nonzero(alive)[0]
+    # each component voxel goes to the basin of one kept maximum (watershed of -prob); a candidate is centred on
+    # its basin's voxels >= peak x its maximum, as an unsplit component is on its own
+    from skimage.segmentation import watershed
+    markers = np.zeros(p.shape, np.int32)
+    for i, j in enumerate(survivors):
+        markers[peaks == j + 1] = i + 1
+    basins = watershed(-p, markers, mask=lab > 0)
+    core = basins * (p >= peak * scores[survivors][np.maximum(basins, 1) - 1])
+    n_kept = len(survivors)
+    centres = np.asarray(ndimage.center_of_mass(core > 0, core, np.arange(1, n_kept + 1)), np.float64).reshape(-1, 3)
+    n_basin = np.bincount(basins.ravel(), minlength=n_kept + 1)[1:]
+    order = np.nonzero(top_candidates(scores[survivors], max_candidates))[0]
+    order = order[np.argsort(-scores[survivors][order], kind="stable")]
+    cands = np.zeros(len(order), COMPONENT_DTYPE)
+    for i, k in enumerate(order):
+        c = centres[k]
+        cands[i] = (comps[survivors[k]], int(n_basin[k]), c[0] + box[0].start, c[1] + box[1].start,
+                    c[2] + box[2].start, scores[survivors[k]])
     return cands
 
 
@@ -682,7 +751,7 @@ def process_scan(path, predictor, pred_dir, book, mip_dir):
     if WRITE_NIFTI:
         write_mask_image(os.path.join(pred_dir, f"{uid}.nii.gz"), mask, origin, spacing, direction)
     cands = find_candidates(prob, CANDIDATE_THRESHOLD, MAX_CANDIDATES, MIN_COMPONENT_VOXELS, CONNECTIVITY,
-                            CANDIDATE_PEAK)
+                            CANDIDATE_PEAK, CANDIDATE_SPLIT_MM, tuple(float(v) for v in spacing[::-1]))
     res = evaluate_scan(prob, mask, scan["nodule_mask"], scan["nodules"], origin, spacing, direction, uid,
                         components=(labels, comps), candidates=cands)
     res["n_slices"] = int(hu.shape[0])
@@ -729,7 +798,8 @@ def no_truth_summary(results, n_failed=0):
             "n_candidates": int(sum(len(r["candidates"]) for r in results)),
             "component_definition": "3D components of prob > THRESHOLD (the mask written to 5_predictions)",
             "candidate_definition": "3D components of prob > CANDIDATE_THRESHOLD scored by their maximum "
-                                    "probability, at most MAX_CANDIDATES a scan (candidates.csv)",
+                                    "probability (CANDIDATE_SPLIT_MM > 0: each local maximum of a component, "
+                                    "scored by its probability), at most MAX_CANDIDATES a scan (candidates.csv)",
             "per_scan": per_scan}
 
 
@@ -912,6 +982,7 @@ def _run(cfg):
     metrics["scans"] = SCANS
     metrics["threshold"], metrics["binarize"] = THRESHOLD, BINARIZE
     metrics["candidate_threshold"], metrics["max_candidates"] = CANDIDATE_THRESHOLD, MAX_CANDIDATES
+    metrics["candidate_split_mm"] = CANDIDATE_SPLIT_MM
     metrics["failed_scans"] = failed
     metrics["input_geometry"] = {"pixel_mm": predictor.pixel_mm, "crop_mm": predictor.crop_mm,
                                  "context_mm": predictor.context_mm, "crop": predictor.crop,

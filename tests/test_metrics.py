@@ -366,6 +366,35 @@ def test_candidate_center_is_its_peak():
     assert whole["center_x"][0] > 25                                     # the vessel pulls the plain centroid away
 
 
+def test_split_candidates_give_a_faint_nodule_on_a_vessel_its_own_candidate():
+    """CANDIDATE_SPLIT_MM: a faint small nodule (0.35) touching a bright vessel (0.6) is one component; split at
+    its local maxima it is a second candidate, centred on the nodule and scored by its own maximum; the flat,
+    nearly saturated top of a large nodule stays one candidate (non-maximum suppression); anisotropic voxels
+    are measured in mm; MAX_CANDIDATES still applies."""
+    prob = np.zeros((20, 60, 80), np.float32)
+    prob[9:12, 29:32, 2:78] = 0.6                                          # vessel along x
+    zz, yy, xx = np.indices(prob.shape)
+    r = np.sqrt((zz - 10) ** 2 + (yy - 34) ** 2 + (xx - 40) ** 2)
+    prob[r <= 3] = (0.35 - 0.07 * r)[r <= 3]                               # faint nodule touching it: 0.35 -> 0.14
+    big = ball(prob.shape, (10, 12, 40), (6, 6, 6))                        # large nodule, tiny ripples on ~0.99
+    prob[big] = 0.99 + 0.005 * np.random.default_rng(0).random(int(big.sum()))
+    whole = pp.find_candidates(prob, threshold=0.05)
+    assert len(whole) == 2                                                  # the vessel + nodule, the big nodule
+    split = pp.find_candidates(prob, threshold=0.05, split_mm=5.0)
+    assert len(split) == 3
+    assert split["prob"][0] > 0.99 and split["center_y"][0] == pytest.approx(12, abs=3)
+    assert split["prob"][1] == pytest.approx(0.6)
+    faint = split[2]
+    assert faint["prob"] == pytest.approx(0.35, abs=1e-6)
+    assert (faint["center_z"], faint["center_y"], faint["center_x"]) == pytest.approx((10, 34, 40), abs=0.5)
+    assert faint["label"] == split["label"][1]                               # same component as the vessel
+    assert len(pp.find_candidates(prob, threshold=0.05, split_mm=5.0, max_candidates=2)) == 2
+    assert len(pp.find_candidates(prob, threshold=0.05, split_mm=5.0, spacing_zyx=(4.0, 1.0, 1.0))) == 3
+    flat = prob.copy()
+    flat[r <= 3] = 0.35                                                     # no dip towards the vessel: no split
+    assert len(pp.find_candidates(flat, threshold=0.05, split_mm=5.0)) == 2
+
+
 def luna16_froc(scans, rates=(0.125, 0.25, 0.5, 1, 2, 4, 8), max_marks=100):
     """LUNA16's evaluation (noduleCADEvaluationLUNA16.py, evaluateCAD + computeFROC), re-implemented here from
     the script's method with loops and scikit-learn, sharing no code with metrics.py.
