@@ -3,7 +3,7 @@
 Renders a new cohort with synthetic_ct.py at the demo's geometry but another SEED (other patients) and other
 appearance ranges (HELDOUT: sharper kernels, more noise, wider margins, more spicules, denser and fainter
 nodules, other lung density and vessels: partly outside the ranges the run was trained on), runs stage 1 on
-it, stage 5 with the run's model (RUN/4_model/best.keras) and, when the run has one, stage 6 scoring only with
+it, stage 5 with the run's model (RUN/4_model/MODEL_FILE) and, when the run has one, stage 6 scoring only with
 its false-positive model (RUN/7_fp_reduction/model.keras). Nothing is trained here.
 
 Prints and writes OUT/compare.md: for the run's own test part (in distribution: RUN/6_report and
@@ -26,7 +26,8 @@ sys.path.insert(0, ROOT)
 
 RUN = "work/demo"             # a trained run: 4_model/best.keras, 6_report (and 7_fp_reduction/model.keras)
 OUT = ""                      # "" = RUN/appearance_heldout
-TAG = ""                      # another model of the run: MODEL=RUN/4_model_<TAG>/best.keras, its in-distribution
+MODEL_FILE = "best.keras"      # which checkpoint of RUN/4_model (make demo: last.keras)
+TAG = ""                      # another model of the run: RUN/4_model_<TAG>/MODEL_FILE, its in-distribution
                               # report RUN/6_report_<TAG>, held-out folders OUT/5_predictions_<TAG>, ... (stage 6:
                               # the run's own model, rescoring this model's candidates)
 SEED = 1                      # the held-out cohort's seed (the demo's is 0: other patients, other nodules)
@@ -103,7 +104,7 @@ def main(argv=None):
     configurator.configure(globals(), argv)
     out = OUT or os.path.join(RUN, "appearance_heldout")
     sfx = f"_{TAG}" if TAG else ""
-    model = os.path.join(RUN, "4_model" + sfx, "best.keras")
+    model = os.path.join(RUN, "4_model" + sfx, MODEL_FILE)
     if not os.path.isfile(model):
         raise SystemExit(f"{model}: no trained model (run make demo first)")
     if not os.path.isfile(os.path.join(out, "0_synthetic", "truth", "index.csv")):

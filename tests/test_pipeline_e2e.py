@@ -126,3 +126,20 @@ def test_compare_runs_tabulates_the_stage_outputs(pipeline_run, tmp_path):
     missing = tmp_path / "none"
     with pytest.raises(SystemExit, match="no metrics.json"):
         compare_runs.main([f"--RUNS=('c={missing}',)"])
+
+
+def test_appearance_check_tabulates_a_report_by_size(pipeline_run):
+    """benchmarks/appearance_check.py's table: one row per size bin and 'all', the found counts, Dice on found,
+    FP/scan and CPM of the report as postprocess.py wrote them (no stage-6 folder: its columns are '-')."""
+    from benchmarks import appearance_check
+    work, _ = pipeline_run
+    report = os.path.join(work, "6_report")
+    rows, m = appearance_check.part_rows("held-out", report, os.path.join(work, "7_fp_reduction"))
+    assert [r["size"] for r in rows] == list(m["size_bins_mm"]) + ["all"]
+    for r in rows:
+        s = m["sensitivity"] if r["size"] == "all" else m["sensitivity"]["by_size"][r["size"]]
+        assert r["found"] == f"{s['found']} / {s['total']}" and r["fp"] == m["fp_per_scan"]["value"]
+        assert r["cpm6"] is None and r["froc6"] is None
+    assert rows[-1]["cpm5"] == m["cpm"]["value"] and rows[-1]["dice"] == m["nodule_dice_found"]["value"]
+    text = appearance_check.table(rows)
+    assert text.count("| held-out |") == len(rows) and "sens. @ 8 FP/scan (stage 6)" in text
