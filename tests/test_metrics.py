@@ -339,7 +339,7 @@ def test_candidates_apart_from_the_mask():
     s.predict(ball(SHAPE, (16, 44, 40), (2, 2, 2)), 0.3)
     s.predict(ball(SHAPE, (5, 50, 10), (1, 1, 1)), 0.4)      # two false candidates, below the threshold
     s.predict(ball(SHAPE, (20, 10, 50), (1, 1, 1)), 0.2)
-    s.predict(ball(SHAPE, (3, 5, 5), (1, 1, 1)), 0.04)       # below CANDIDATE_THRESHOLD (0.05): nothing
+    s.predict(ball(SHAPE, (3, 5, 5), (1, 1, 1)), 0.015)      # below CANDIDATE_THRESHOLD (0.02): nothing
     res = s.evaluate()
     assert len(res["components"]) == 1 and len(res["candidates"]) == 4
     np.testing.assert_allclose(res["candidates"]["prob"], [0.9, 0.4, 0.3, 0.2], rtol=1e-6)   # highest first
