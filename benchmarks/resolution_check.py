@@ -20,7 +20,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-RUN = "work/demo"             # a run with 0_synthetic/luna16, 3_split/split.json, 4_model/best.keras, 6_report
+RUN = "work/demo"             # a run with 0_synthetic/luna16, 3_split/split.json, 4_model/MODEL_FILE, 6_report
+MODEL_FILE = "best.keras"     # which checkpoint of RUN/4_model (make demo evaluates last.keras)
 FACTOR = 1.6                  # in-plane pixel size multiplied by this (matrix divided by it)
 OUT = ""                      # "" = RUN/resolution_x<FACTOR>
 PART = "test"                 # which part of the split is resampled and evaluated
@@ -75,7 +76,7 @@ def main(argv=None):
                           f"--N_WORKERS={N_WORKERS}"])
     if rc:
         raise SystemExit(f"stage 1 failed on {out}/luna16")
-    model = os.path.join(RUN, "4_model", "best.keras")
+    model = os.path.join(RUN, "4_model", MODEL_FILE)
     postprocess.main([f"--WORK_DIR={out}", "--SCANS=all", f"--MODEL={model}", *POST_ARGS])
     md = os.path.join(out, "compare.md")
     compare_runs.main([f"--RUNS=('native={RUN}/6_report','x{FACTOR:g}={out}/6_report')", f"--OUT={md}"])
