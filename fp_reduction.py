@@ -1026,6 +1026,7 @@ def write_froc(path, curves_before, curves_after, m_before, m_after):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from postprocess import atomic, froc_axes, froc_xy
     fig, ax = plt.subplots(figsize=(7, 4.8))
     rates = np.asarray(FROC_RATES)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -1037,24 +1038,14 @@ def write_froc(path, curves_before, curves_after, m_before, m_after):
             c = curves[name]
             if len(c["sens"]) == 0 or not np.isfinite(c["sens"]).all():
                 continue
-            x = np.concatenate([c["fps"], [max(rates[-1], c["fps"][-1])]])
-            y = np.concatenate([c["sens"], [c["sens"][-1]]])
             n = "all" if name == "all" else f"{name} mm"
-            ax.plot(np.maximum(x, rates[0] / 2), y, style, color=color, lw=2.2 if name == "all" else 1.0,
+            ax.plot(*froc_xy(c, rates), style, color=color, lw=2.2 if name == "all" else 1.0,
                     label=f"{n} {tag}: CPM {c['cpm']:.3f}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlim(rates[0] / 2, rates[-1] * 2)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("false positives per scan")
-    ax.set_ylabel("sensitivity")
-    ax.set_title(f"FROC before (stage 5, dashed) and after (stage 6, solid): {m_after['n_scans']} scans, "
-                 f"{m_after['n_nodules']} nodules", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best", ncol=2)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    froc_axes(ax, rates, f"FROC before (stage 5, dashed) and after (stage 6, solid): {m_after['n_scans']} scans, "
+                         f"{m_after['n_nodules']} nodules", title_size=9, fontsize=7, loc="best", ncol=2)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def print_table(before, after):

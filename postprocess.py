@@ -673,6 +673,26 @@ def write_mip(path, hu, prob, nodules, comps, seriesuid, spacing):
     plt.close(fig)
 
 
+def froc_xy(curve, rates):
+    """A FROC curve's points as drawn (x, y): extended flat beyond its end to the last rate, and the x below the
+    first rate drawn at half of it (the log axis), as the sensitivities are interpolated."""
+    x = np.concatenate([curve["fps"], [max(rates[-1], curve["fps"][-1])]])
+    y = np.concatenate([curve["sens"], [curve["sens"][-1]]])
+    return np.maximum(x, rates[0] / 2), y
+
+
+def froc_axes(ax, rates, title, title_size=10, **legend):
+    """The FROC plot's axes: log2 false positives per scan around ``rates``, sensitivity 0-1, grid, legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(rates[0] / 2, rates[-1] * 2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positives per scan")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title, fontsize=title_size)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(**legend)
+
+
 def write_froc(path, curves, metrics):
     import matplotlib
     matplotlib.use("Agg")
@@ -682,21 +702,12 @@ def write_froc(path, curves, metrics):
     for name, c in curves.items():
         if not np.isfinite(c["sens"]).all() or len(c["sens"]) == 0:
             continue
-        x = np.concatenate([c["fps"], [max(rates[-1], c["fps"][-1])]])
-        y = np.concatenate([c["sens"], [c["sens"][-1]]])
         style = dict(lw=2.2, color="black") if name == "all" else dict(lw=1.0)
-        ax.plot(np.maximum(x, rates[0] / 2), y, label=f"{name}: CPM {c['cpm']:.3f}", **style)   # as interpolated
+        ax.plot(*froc_xy(c, rates), label=f"{name}: CPM {c['cpm']:.3f}", **style)
         if name == "all":
             ax.plot(rates, c["sensitivities"], "o", color="black")
-    ax.set_xscale("log", base=2)
-    ax.set_xlim(rates[0] / 2, rates[-1] * 2)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("false positives per scan")
-    ax.set_ylabel("sensitivity")
-    ax.set_title(f"FROC over {metrics['froc']['n_scans']} scans, {metrics['n_nodules']} nodules, "
-                 f"{metrics['n_candidates']} candidates", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    froc_axes(ax, rates, f"FROC over {metrics['froc']['n_scans']} scans, {metrics['n_nodules']} nodules, "
+                         f"{metrics['n_candidates']} candidates", title_size=10, fontsize=8, loc="lower right")
     with atomic(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
