@@ -222,9 +222,9 @@ def _split_candidates(prob, labels, sizes, max_candidates, min_voxels, split_mm,
     # each component voxel goes to the basin of one kept maximum (watershed of -prob); a candidate is centred on
     # its basin's voxels >= peak x its maximum, as an unsplit component is on its own
     from skimage.segmentation import watershed
-    markers = np.zeros(p.shape, np.int32)
-    for i, j in enumerate(survivors):
-        markers[peaks == j + 1] = i + 1
+    lut = np.zeros(n_peaks + 1, np.int32)
+    lut[survivors + 1] = np.arange(1, len(survivors) + 1)
+    markers = lut[peaks]                                  # kept maxima numbered 1..K, one pass over the box
     basins = watershed(-p, markers, mask=lab > 0)
     core = basins * (p >= peak * scores[survivors][np.maximum(basins, 1) - 1])
     n_kept = len(survivors)
