@@ -83,8 +83,8 @@ LUNG_GATE = True                # probability outside the stage-1 lung mask is s
 BINARIZE = "threshold"          # or "kmeans": the thesis's per-slice 2-cluster K-means + erosion (reproduction only)
 KMEANS_EROSION = 3              # BINARIZE="kmeans": side in pixels of the square erosion element (0 = none)
 BATCH_SIZE = 8                  # slices per prediction call
-TTA_FLIPS = 1                   # test-time flips averaged: 1 = none (thesis), 2 = + left-right mirror, 4 = + up-down and
-                                # both (the training's flip augmentation; inference time x TTA_FLIPS)
+TTA = 1                         # test-time augmentation: mean over this many flips of the slice: 1 = none (thesis),
+                                # 2 = + left-right, 4 = + up-down and both (inference time x TTA)
 CONNECTIVITY = 3                # 3D components: 1 = 6 face neighbours, 2 = 18 (+edges), 3 = 26 (+corners)
 MIN_COMPONENT_VOXELS = 1        # components with fewer voxels are removed from the mask and are no candidates
 PROB_DTYPE = "float16"          # how /prob is stored: "float16" or "float32"
@@ -378,11 +378,11 @@ class Predictor:
     table.py's raw-pixel defaults and the model's input channels. A raw-pixel model (PIXEL_MM = 0) applied to
     a scan whose pixels are outside the range it was trained on (PIXEL_MM_RANGE) is named in one line."""
 
-    def __init__(self, model_path, config_path="", table_path="", tta_flips=1):
+    def __init__(self, model_path, config_path="", table_path="", tta=1):
         import table
-        if tta_flips not in (1, 2, 4):
-            raise ValueError(f"TTA_FLIPS must be 1, 2 or 4, got {tta_flips!r}")
-        self.table, self.model_path, self.tta_flips = table, model_path, int(tta_flips)
+        if tta not in (1, 2, 4):
+            raise ValueError(f"TTA must be 1, 2 or 4, got {tta!r}")
+        self.table, self.model_path, self.tta = table, model_path, int(tta)
         config_path = config_path or os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
         cfg = _read_json(config_path) if os.path.isfile(config_path) else {}
         if "CROP" not in cfg and table_path and os.path.isfile(table_path):
@@ -404,7 +404,7 @@ class Predictor:
         return {"model": os.path.abspath(self.model_path), "model_bytes": st.st_size,
                 "model_mtime_ns": st.st_mtime_ns, "crop": self.crop, "context_slices": self._context_cfg,
                 "pixel_mm": self.pixel_mm, "crop_mm": self.crop_mm, "context_mm": self.context_mm,
-                **({"tta_flips": self.tta_flips} if self.tta_flips > 1 else {})}
+                **({"tta": self.tta} if self.tta > 1 else {})}
 
     def geometry(self, shape, spacing=None):
         """The table.InputGeometry of a scan of ``shape`` (Z, Y, X) and (x, y, z) ``spacing`` for this model."""
@@ -455,17 +455,17 @@ class Predictor:
             self.outside_range.append(px)
 
     def _forward(self, model, x):
-        """Nodule probability (B, h, w) of a batch of inputs (B, h, w, C): the mean over the first ``tta_flips``
+        """Nodule probability (B, h, w) of a batch of inputs (B, h, w, C): the mean over the first ``tta``
         of (as is, left-right, up-down, both), each flipped back."""
         total = None
-        for axes in ((), (2,), (1,), (1, 2))[:self.tta_flips]:
+        for axes in ((), (2,), (1,), (1, 2))[:self.tta]:
             xi = np.ascontiguousarray(np.flip(x, axes)) if axes else x
             y = np.asarray(model.predict_on_batch(xi))
             if y.ndim == 4:
                 y = y[..., 1] if y.shape[-1] >= 2 else y[..., 0]
             y = np.flip(y, axes) if axes else y
             total = y.astype(np.float32) if total is None else total + y
-        return total / self.tta_flips if self.tta_flips > 1 else total
+        return total / self.tta if self.tta > 1 else total
 
     def predict(self, hu, lung_mask, batch_size=8, spacing=None, lung_slices_only=False):
         """Nodule probability float32 (Z, Y, X) on the scan's full voxel grid (0 outside what the input covers)
@@ -883,10 +883,10 @@ def _scan_on_worker(task):
     path, cfg, model_path, model_config, table_path, pred_dir, mip_dir = task
     globals().update(cfg)                             # the run's settings (THRESHOLD, ...) in this worker
     st = os.stat(model_path)
-    key = (os.path.abspath(model_path), st.st_size, st.st_mtime_ns, model_config, table_path, TTA_FLIPS)
+    key = (os.path.abspath(model_path), st.st_size, st.st_mtime_ns, model_config, table_path, TTA)
     with _WORKER_LOCK:
         if key not in _WORKER_PREDICTORS:
-            _WORKER_PREDICTORS[key] = Predictor(model_path, model_config, table_path, TTA_FLIPS)
+            _WORKER_PREDICTORS[key] = Predictor(model_path, model_config, table_path, TTA)
     predictor = _WORKER_PREDICTORS[key]
     load0, outside0 = predictor.load_seconds, len(predictor.outside_range)
     book = PictureBook(N_PICTURES, PICTURE_HALF)
@@ -976,7 +976,7 @@ def _run(cfg):
     paths = scan_list(WORK_DIR, SCANS)
     if not paths:
         raise SystemExit(f"no scans in part {SCANS!r} of {WORK_DIR}")
-    predictor = Predictor(model_path, MODEL_CONFIG, os.path.join(WORK_DIR, "2_table", "slices.h5"), TTA_FLIPS)
+    predictor = Predictor(model_path, MODEL_CONFIG, os.path.join(WORK_DIR, "2_table", "slices.h5"), TTA)
     book = PictureBook(N_PICTURES, PICTURE_HALF)
     results, failed, timing = [], [], []
     bar = tqdm(paths, desc="postprocess", unit="scan")

@@ -231,7 +231,7 @@ def test_crop_trained_nasnet_is_rebuilt_for_whole_inputs(tmp_path, variant):
 
 
 def test_test_time_flips_average_the_flipped_scans(tmp_path):
-    """TTA_FLIPS=2 / 4: the probability is the mean of the network's outputs on the scan as is, mirrored
+    """TTA=2 / 4: the probability is the mean of the network's outputs on the scan as is, mirrored
     left-right, up-down and both, each flipped back: the same numbers as predicting flipped copies of the scan
     one by one. The stand-in network is not flip-symmetric, so the flips change what it says."""
     import keras
@@ -244,16 +244,16 @@ def test_test_time_flips_average_the_flipped_scans(tmp_path):
     hu = np.random.default_rng(0).integers(-1000, 200, (3, 64, 64)).astype(np.int16)
     lung = np.ones(hu.shape, np.uint8)
 
-    def plain(axes):               # TTA_FLIPS=1 on the flipped scan, flipped back
+    def plain(axes):               # TTA=1 on the flipped scan, flipped back
         p, _ = pp.Predictor(path).predict(np.flip(hu, axes).copy(), lung, batch_size=2)
         return np.flip(p, axes)
     views = [plain(()), plain((2,)), plain((1,)), plain((1, 2))]
     assert np.abs(views[0] - views[1]).max() > 0.05                      # the flips matter for this network
     for n in (2, 4):
-        pr = pp.Predictor(path, tta_flips=n)
+        pr = pp.Predictor(path, tta=n)
         prob, _ = pr.predict(hu, lung, batch_size=2)
         np.testing.assert_allclose(prob, np.mean(views[:n], axis=0), atol=1e-6)
-        assert pr.signature()["tta_flips"] == n                          # a TTA prediction is cached apart
-    assert "tta_flips" not in pp.Predictor(path).signature()             # TTA_FLIPS=1 keeps the earlier cache keys
-    with pytest.raises(ValueError, match="TTA_FLIPS"):
-        pp.Predictor(path, tta_flips=3)
+        assert pr.signature()["tta"] == n                               # a TTA prediction is cached apart
+    assert "tta" not in pp.Predictor(path).signature()                  # TTA=1 keeps the earlier cache keys
+    with pytest.raises(ValueError, match="TTA"):
+        pp.Predictor(path, tta=3)
