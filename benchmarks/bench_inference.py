@@ -1,7 +1,7 @@
 """Inference seconds per scan and peak memory of postprocess.py's predictor (the network over every slice of a
 512x512 scan, input geometry = table.py's defaults: PIXEL_MM mm pixels over CROP_MM mm, or the thesis's
-400x400 raw-pixel crop with --PIXEL_MM=0), for the figure-3 network (random weights: speed does not depend on
-them) and optionally the U-Net.
+400x400 raw-pixel crop with --PIXEL_MM=0) and stage 5's TTA flips (--TTA=1: one pass), for the figure-3
+network (random weights: speed does not depend on them) and optionally the U-Net.
 
 Writes a synthetic 512 x 512 phantom (synthetic_ct.py) through stage 1 in a scratch folder, saves an
 untrained model per variant, and times postprocess.Predictor.predict on the scan in a fresh process each
@@ -27,10 +27,11 @@ PIXEL_MM = 0.7                 # network-input geometry written beside the model
 CROP_MM = 300.0                # input side in mm (PIXEL_MM > 0)
 CONTEXT_SLICES = 3             # input channels (the demo's)
 CONTEXT_MM = 2.5               # channel distance in mm (PIXEL_MM > 0)
+TTA = 4                        # test-time flips averaged (postprocess.py's TTA: 1, 2 or 4)
 OUT_DIR = os.path.join(ROOT, "benchmarks", "results")   # where bench_inference.json goes
 
 
-def _child(work, model_path):
+def _child(work, model_path, tta):
     """Time one scan's prediction in this (fresh) process; print a RESULT line."""
     import glob
     import postprocess
@@ -38,7 +39,7 @@ def _child(work, model_path):
     import ct_io
     path = sorted(glob.glob(os.path.join(work, "1_preprocessed", "*.h5")))[0]
     scan = ct_io.read_scan_h5(path, arrays=("hu", "lung_mask"))
-    predictor = postprocess.Predictor(model_path)
+    predictor = postprocess.Predictor(model_path, tta=int(tta))
     t0 = time.perf_counter()
     spacing = scan["attrs"]["spacing"]
     g = predictor.geometry(scan["hu"].shape, spacing)
@@ -50,7 +51,7 @@ def _child(work, model_path):
     t0 = time.perf_counter()
     predictor.predict(scan["hu"], scan["lung_mask"], BATCH_SIZE, spacing)
     second_s = time.perf_counter() - t0
-    print("RESULT " + json.dumps({"load_s": load_s, "first_scan_s": first_s, "scan_s": second_s,
+    print("RESULT " + json.dumps({"tta": predictor.tta, "load_s": load_s, "first_scan_s": first_s, "scan_s": second_s,
                                   "s_per_slice": second_s / scan["hu"].shape[0], "shape": list(scan["hu"].shape),
                                   "peak_rss_mb": peak_mb()}))
 
@@ -74,7 +75,7 @@ def main(argv=None):
             with open(os.path.join(work, "config.json"), "w") as f:      # what training would record
                 json.dump({"CROP": 0, "CONTEXT_SLICES": CONTEXT_SLICES, "PIXEL_MM": PIXEL_MM, "CROP_MM": CROP_MM,
                            "CONTEXT_MM": CONTEXT_MM}, f)
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", work, model_path],
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", work, model_path, str(TTA)],
                                capture_output=True, text=True)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             results[variant] = json.loads(line[-1][7:]) if line else {"error": (p.stderr or p.stdout)[-500:]}
@@ -86,7 +87,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        _child(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        _child(*sys.argv[2:])
     else:
         sys.exit(main())
