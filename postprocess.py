@@ -377,7 +377,8 @@ class Predictor:
     PIXEL_MM, CROP_MM, CONTEXT_MM, or raw pixels with CROP; CONTEXT_SLICES): from ``config_path`` (default
     config.json beside the model), else from the slice table's attributes (WORK_DIR/2_table/slices.h5), else
     table.py's raw-pixel defaults and the model's input channels. A raw-pixel model (PIXEL_MM = 0) applied to
-    a scan whose pixels are outside the range it was trained on (PIXEL_MM_RANGE) is named in one line."""
+    a scan whose pixels are outside the range it was trained on (PIXEL_MM_RANGE) is named in one line.
+    ``tta``: how many flips of each input are averaged (1, 2 or 4: see TTA)."""
 
     def __init__(self, model_path, config_path="", table_path="", tta=1):
         import table
