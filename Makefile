@@ -139,8 +139,8 @@ demo-appearance-ablation: install
 	$(PY) benchmarks/appearance_check.py --RUN=$(DEMO_WORK) --MODEL_FILE=$(DEMO_MODEL) --TAG=noint
 
 # The long preset: 4x the demo's cohort (the demo's 24 scans are the first 24 of it: same SEED), tested on the
-# demo's 6 test patients (TEST_FROM: the demo's split, made first if missing), 90 minutes of training on this
-# CPU in epochs of 100 batches (about 1 h 45 min in all).
+# demo's 7 test patients (TEST_FROM: the demo's split, made first if missing), 90 minutes of training on this
+# CPU in epochs of 100 batches (2 h 15 min in all on 2026-11-29, partly loaded: README, Results).
 LONG_WORK ?= work/long
 LONG_MINUTES ?= 90
 train-long: install
