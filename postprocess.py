@@ -1014,13 +1014,15 @@ def _run(cfg):
     metrics["threshold"], metrics["binarize"] = THRESHOLD, BINARIZE
     metrics["candidate_threshold"], metrics["max_candidates"] = CANDIDATE_THRESHOLD, MAX_CANDIDATES
     metrics["candidate_split_mm"] = CANDIDATE_SPLIT_MM
+    metrics["tta"] = predictor.tta                    # flips averaged per slice (what the timing below includes)
     metrics["failed_scans"] = failed
     metrics["input_geometry"] = {"pixel_mm": predictor.pixel_mm, "crop_mm": predictor.crop_mm,
                                  "context_mm": predictor.context_mm, "crop": predictor.crop,
                                  "context_slices": predictor.context, "trained_pixel_mm_range": predictor.pixel_range,
                                  "scans_outside_trained_pixel_range": len(predictor.outside_range)}
-    metrics["timing"] = {"definition": "seconds of inference per scan (network inputs + prediction, the first "
-                                       "scan's graph tracing included, model loading not); peak resident memory "
+    metrics["timing"] = {"definition": "seconds of inference per scan (network inputs + prediction, TTA passes a "
+                                       "slice, the first scan's graph tracing included, model loading not); peak "
+                                       "resident memory "
                                        "of this process",
                          "model_load_seconds": predictor.load_seconds, "scans_predicted": len(timing),
                          "seconds_per_scan": float(np.mean([s for s, _ in timing])) if timing else None,

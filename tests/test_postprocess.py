@@ -136,6 +136,7 @@ def test_report(work, capsys):
     assert m["cpm"]["value"] == 1.0 and m["froc"]["by_size"]["5-10"] == [1.0] * 7 and m["cpm"]["by_size"]["<5"] is None
     assert m["candidate_recall"]["value"] == 1.0 and m["candidate_recall"]["by_size"]["10-20"]["total"] == 1
     assert m["candidate_threshold"] == pp.CANDIDATE_THRESHOLD and m["max_candidates"] == pp.MAX_CANDIDATES
+    assert m["tta"] == pp.TTA
     assert m["n_candidates"] == 3 and m["n_components"] == 3 and "two nodules" in m["froc"]["definition"]
     assert m["slice_dice"]["value"] > 0.6 and "definition" in m["slice_dice"]
     assert m["timing"]["scans_predicted"] == 3 and m["timing"]["seconds_per_scan"] > 0
