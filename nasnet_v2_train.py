@@ -20,6 +20,8 @@ slices are predicted in inference mode and the pooled Dice (prob > 0.5, the thes
 function as postprocess.py's) decides the best checkpoint. Throughput (slices per second) is printed per
 epoch. With TRAIN_CROP > 0 the network trains (and validates) on crops of that side, sampled so that most
 hold a nodule; it is fully convolutional and postprocess.py rebuilds it at the whole-slice size.
+LR_DECAY_EPOCHS > 0 cools the learning rate down linearly over the last epochs (constant before: the thesis's
+schedule), so that last.keras is taken at a low rate rather than wherever the last steps of a constant rate left it.
 """
 import csv
 import json
@@ -68,6 +70,8 @@ NEG_FRACTION = 0.3             # SAMPLING="nodule": share of each epoch drawn am
 BN_MOMENTUM = 0.99             # momentum of every BN layer (Keras's NASNetMobile: 0.9997); 0 = keep Keras's
 BN_REESTIMATE_BATCHES = 8      # training batches used to re-estimate BN statistics each epoch (0 = off)
 REDUCE_LR_PATIENCE = 0         # halve the learning rate after this many epochs without a better val Dice (0 = off)
+LR_DECAY_EPOCHS = 0            # the last this many epochs cool the learning rate linearly towards 0 (LR x k / (n + 1),
+                               # k = n ... 1; set at each epoch's start, so a resumed run gets the same); 0 = constant LR
 EARLY_STOP_PATIENCE = 0        # stop after this many epochs without a better val Dice (0 = off)
 RESUME = False                 # continue from OUT_DIR/last.keras and state.json
 SEED = 85                      # weights init, shuffling and augmentation (thesis split seed: 85)
@@ -280,6 +284,15 @@ def clean_tmp(folder):
         os.remove(p)
 
 
+def epoch_lr(epoch):
+    """The learning rate of a (0-based) epoch in the cool-down window of LR_DECAY_EPOCHS, else None (left as is):
+    LR x (EPOCHS - epoch) / (LR_DECAY_EPOCHS + 1), e.g. 16 epochs, 4 cooling: LR x 4/5, 3/5, 2/5, 1/5 in the last four."""
+    start = EPOCHS - LR_DECAY_EPOCHS
+    if LR_DECAY_EPOCHS <= 0 or epoch < start:
+        return None
+    return LR * (EPOCHS - epoch) / (LR_DECAY_EPOCHS + 1)
+
+
 def make_callback(model, train_bn, val, folder, state, cfg, history=None):
     """Per epoch: BN re-estimation, validation Dice, checkpoints, state.json, throughput, LR schedule, stop rules."""
     import keras
@@ -290,6 +303,8 @@ def make_callback(model, train_bn, val, folder, state, cfg, history=None):
     class EpochEnd(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.t0, self.steps = time.time(), 0
+            if epoch_lr(epoch) is not None:
+                model.optimizer.learning_rate.assign(epoch_lr(epoch))
 
         def on_train_batch_end(self, batch, logs=None):
             self.steps += 1

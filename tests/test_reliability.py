@@ -437,7 +437,7 @@ def test_preprocess_killed_part_way_then_rerun_equals_an_uninterrupted_run(tiny,
 
 
 TRAIN_ARGS = ["--VARIANT=unet", "--EPOCHS=3", "--BATCH_SIZE=4", "--STEPS_PER_EPOCH=2", "--BN_REESTIMATE_BATCHES=1",
-              "--VAL_MAX_BATCHES=1", "--WORKERS=0"]
+              "--VAL_MAX_BATCHES=1", "--WORKERS=0", "--LR=0.001", "--LR_DECAY_EPOCHS=2"]
 
 
 @pytest.fixture(scope="module")
@@ -469,10 +469,18 @@ def _model_record(folder):
     return hist, weights, state
 
 
+def test_learning_rate_cools_down_over_the_last_epochs(trained):
+    """LR_DECAY_EPOCHS=2 of 3: the first epoch at LR, then LR x 2/3 and 1/3 (history.csv's lr, read back from the
+    optimiser); the resume test below checks that a resumed run gets the same rates."""
+    rows = list(csv.DictReader(open(os.path.join(trained, "4_model", "history.csv"))))
+    np.testing.assert_allclose([float(r["lr"]) for r in rows], [1e-3, 2e-3 / 3, 1e-3 / 3], rtol=1e-5)
+
+
 @pytest.mark.parametrize("kill_at", ["state.json.tmp:2", "last.keras.tmp.keras:2"])
 def test_training_killed_after_a_checkpoint_resumes_to_the_same_model(trained, tmp_path, kill_at):
     """SIGKILL in epoch 2's checkpoint (between last.keras's rename and state.json's, or before last.keras's),
-    then --RESUME=1: the same history, best and last weights, and state as the uninterrupted run."""
+    then --RESUME=1: the same history (the cooled learning rates too), best and last weights, and state as the
+    uninterrupted run."""
     work = str(tmp_path / "work")
     for part in ("2_table", "3_split"):
         shutil.copytree(os.path.join(trained, part), os.path.join(work, part))
