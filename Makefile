@@ -147,7 +147,8 @@ demo-appearance-ablation: install
 
 # The long preset: 4x the demo's cohort (the demo's 24 scans are the first 24 of it: same SEED), tested on the
 # demo's 7 test patients (TEST_FROM: the demo's split, made first if missing), 90 minutes of training on this
-# CPU in epochs of 100 batches (2 h 15 min in all on 2026-11-29, partly loaded: README, Results).
+# CPU in epochs of 100 batches (2 h 15 min in all on 2026-11-29, partly loaded, with the 500-step stage 6; the
+# 2000-step stage 6 with blobs took 1422 s instead of 153 s, loaded: README, Results).
 LONG_WORK ?= work/long
 LONG_MINUTES ?= 90
 train-long: install
