@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PYTHONUNBUFFERED := 1
 
-# The demo preset, chosen for a 2-core CPU (~35 minutes): a synthetic LUNA16-format cohort at the geometry of
+# The demo preset, chosen for a 2-core CPU (~35-45 minutes): a synthetic LUNA16-format cohort at the geometry of
 # real scans (512 x 512 px, 0.55-0.95 mm pixels, slices 1-2.5 mm apart; appearance varied per scan and nodule:
 # synthetic_ct.py's ranges), the network input in millimetres (table.py's PIXEL_MM=0.7 over CROP_MM=300, three
 # channels CONTEXT_MM=2.5 mm apart), training on crops of 192 px (TRAIN_CROP: a step costs what it did at 256 px)
