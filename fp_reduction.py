@@ -84,7 +84,8 @@ SCANS = "test"                  # scans rescored and evaluated: a part of 3_spli
 CANDIDATES = ""                 # LUNA16-format CSV to rescore; "" = CANDIDATES_DIR/candidates.csv (stage 5's)
 CANDIDATES_DIR = ""             # the stage-5 report folder rescored; "" = WORK_DIR/6_report
 TRAIN_CANDIDATES = ""           # comma-separated CSVs with candidates on the train / val scans; "" = the CANDIDATES file
-MODEL = ""                      # a trained stage-6 model: score only, no training; "" = train one (OUT_DIR/model.keras)
+MODEL = ""                      # a trained stage-6 model: score only, no training (its patch geometry, THRESHOLD and
+                                # BLOB_* settings from its config.json); "" = train one (OUT_DIR/model.keras)
 OUT_DIR = ""                    # "" = WORK_DIR/7_fp_reduction
 PATCH_MM = 32.0                 # side of the patch cube in mm
 VOXEL_MM = 1.0                  # isotropic voxel size of the patch in mm (side = round(PATCH_MM / VOXEL_MM) voxels)
@@ -133,6 +134,10 @@ BLOB_RANK = "hessian"           # blobs ranked by "hessian" (the Hessian's weake
 COMBINE_CHOICES = ("fp", "product", "mean")
 KIND_CANDIDATE, KIND_NODULE, KIND_RANDOM, KIND_DENSE = 0, 1, 2, 3
 GEOMETRY_KEYS = ("PATCH_MM", "VOXEL_MM", "HU_WINDOW")     # read from a scoring model's config.json
+SCORING_KEYS = ("THRESHOLD", "BLOB_CANDIDATES", "BLOB_MM", "BLOB_DIAMETERS_MM", "BLOB_SCALES", "BLOB_HU",
+                "BLOB_MIN_HU", "BLOB_LUNG_DILATE_MM", "BLOB_MERGE_MM", "BLOB_SCORE", "BLOB_RANK")
+                                # the choices a model was trained and chosen with: a scoring run repeats them from
+                                # its config.json unless they are given on the command line
 
 
 # ----------------------------------------------------------------------------- patches
@@ -1082,12 +1087,13 @@ def main(argv=None):
     try:
         cfg = configure(globals(), argv, choices={"COMBINE": COMBINE_CHOICES + ("auto",),
                                                   "BLOB_RANK": ("hessian", "log")})
-        return _run(cfg)
+        given = {a[2:].split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+        return _run(cfg, given)
     finally:
         globals().update(defaults)      # a second main() in one process starts from the file's constants
 
 
-def _run(cfg):
+def _run(cfg, given=()):
     import resource
     import nasnet_v2  # noqa: F401  (first: TensorFlow's CPU allocator, before any tensor exists)
     import keras
@@ -1114,12 +1120,12 @@ def _run(cfg):
     if not paths:
         raise SystemExit(f"no scans to score in part {SCANS!r} of {WORK_DIR}")
 
-    if MODEL:                                               # score only: the model's own patch geometry
+    if MODEL:              # score only: the model's own patch geometry, blob candidates and operating point
         if not os.path.isfile(MODEL):
             raise SystemExit(f"{MODEL}: model not found")
         mcfg_path = os.path.join(os.path.dirname(os.path.abspath(MODEL)), "config.json")
         mcfg = json.load(open(mcfg_path)) if os.path.isfile(mcfg_path) else {}
-        for k in GEOMETRY_KEYS:
+        for k in GEOMETRY_KEYS + tuple(k for k in SCORING_KEYS if k not in given):
             if k in mcfg:
                 v = mcfg[k]
                 globals()[k] = tuple(v) if isinstance(cfg[k], tuple) else type(cfg[k])(v)

@@ -53,7 +53,6 @@ HELDOUT = ("--NOISE_HU=(30.0,65.0)",          # (10, 45): lower doses
            "--KIND_WEIGHTS=(0.5,0.25,0.25)")   # (0.6, 0.2, 0.2): more subsolid nodules
 POST_ARGS = ("--SIZE_BINS=(5.0,10.0)", "--MIN_COMPONENT_VOXELS=3", "--N_PICTURES=4", "--WRITE_MIP=0")  # as the demo
 FP_ARGS = ("--PATCH_MM=30", "--VOXEL_MM=1.25", "--SIZE_BINS=(5.0,10.0)")                             # as the demo
-FP_REPEAT = ("BLOB_CANDIDATES", "THRESHOLD")  # the run's stage-6 choices its scoring repeats (from its config.json)
 FROC_AT = (1.0, 2.0, 4.0, 8.0)
 
 
@@ -96,14 +95,6 @@ def table(rows):
     return "\n".join(lines) + "\n"
 
 
-def repeat_args(fp_model):
-    """--NAME=value for each FP_REPEAT constant the stage-6 run of fp_model used (its config.json beside it): the
-    held-out scans get the same blob candidates and operating point as the run's own test part."""
-    path = os.path.join(os.path.dirname(fp_model), "config.json")
-    cfg = json.load(open(path)) if os.path.isfile(path) else {}
-    return [f"--{k}={cfg[k]}" for k in FP_REPEAT if k in cfg]
-
-
 def main(argv=None):
     import configurator
     import fp_reduction
@@ -129,7 +120,7 @@ def main(argv=None):
     fp_model = os.path.join(RUN, "7_fp_reduction", "model.keras")
     if os.path.isfile(fp_model):
         fp_reduction.main([f"--WORK_DIR={out}", "--SCANS=all", f"--MODEL={fp_model}", f"--CANDIDATES_DIR={report}",
-                           f"--OUT_DIR={out}/7_fp_reduction{sfx}", *FP_ARGS, *repeat_args(fp_model)])
+                           f"--OUT_DIR={out}/7_fp_reduction{sfx}", *FP_ARGS])
     rows, m_in = part_rows(f"in distribution {TAG}".strip(), os.path.join(RUN, "6_report" + sfx),
                            os.path.join(RUN, "7_fp_reduction" + sfx))
     held, m_out = part_rows(f"held-out {TAG}".strip(), report, os.path.join(out, "7_fp_reduction" + sfx))

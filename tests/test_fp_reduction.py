@@ -253,7 +253,7 @@ def test_blob_candidates_end_to_end(tmp_path):
     none within BLOB_MERGE_MM of a stage-5 candidate, at most 4 a scan."""
     work = str(tmp_path / "blobs")
     make_run(work, seed=5)
-    rc = fresh().main([f"--WORK_DIR={work}", "--EPOCHS=1", "--BLOB_CANDIDATES=4", *TINY])
+    rc = fresh().main([f"--WORK_DIR={work}", "--EPOCHS=1", "--BLOB_CANDIDATES=4", "--THRESHOLD=0.7", *TINY])
     assert rc == 0
     out = os.path.join(work, "7_fp_reduction")
     m, rows = check_outputs(out, 2)
@@ -271,6 +271,15 @@ def test_blob_candidates_end_to_end(tmp_path):
     patches = m["training"]["patches"]
     assert patches["positive_candidates"] == 3 * 2            # a blob on each training ball
     assert patches["hard_negatives"] <= 3 * 4
+    # scoring only with this model repeats its blob candidates and operating point (its config.json), unless the
+    # command line says otherwise
+    model = os.path.join(out, "model.keras")
+    for name, extra, n_blobs, threshold in (("again", [], len(blobs), 0.7),
+                                             ("no_blobs", ["--BLOB_CANDIDATES=0", "--THRESHOLD=0.5"], 0, 0.5)):
+        assert fresh().main([f"--WORK_DIR={work}", f"--MODEL={model}", f"--OUT_DIR={tmp_path / name}", *extra]) == 0
+        ms = json.load(open(tmp_path / name / "metrics.json"))
+        assert ms["timing"]["n_blob_candidates"] == n_blobs
+        assert ms["after"]["operating_point"]["threshold"] == threshold
 
 
 def test_resume_continues(trained):

@@ -143,14 +143,3 @@ def test_appearance_check_tabulates_a_report_by_size(pipeline_run):
     assert rows[-1]["cpm5"] == m["cpm"]["value"] and rows[-1]["dice"] == m["nodule_dice_found"]["value"]
     text = appearance_check.table(rows)
     assert text.count("| held-out |") == len(rows) and "sens. @ 8 FP/scan (stage 6)" in text
-
-
-def test_appearance_check_repeats_the_runs_stage6_blobs_and_operating_point(tmp_path):
-    """The held-out scans are rescored with the blob candidates and THRESHOLD the run's stage 6 used (its
-    config.json beside model.keras); a model without a config gets the script's defaults."""
-    from benchmarks import appearance_check
-    folder = tmp_path / "7_fp_reduction"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"BLOB_CANDIDATES": 30, "THRESHOLD": 0.9, "EPOCHS": 40}))
-    assert appearance_check.repeat_args(str(folder / "model.keras")) == ["--BLOB_CANDIDATES=30", "--THRESHOLD=0.9"]
-    assert appearance_check.repeat_args(str(tmp_path / "other" / "model.keras")) == []
