@@ -60,3 +60,22 @@ def run_on_cluster(address, fn, tasks, names=None):
             f.release()
     finally:
         client.close()
+
+
+def run_in_order(address, fn, tasks, names=None):
+    """``run_on_cluster``'s (task, result, error) triples, yielded in the order of ``tasks`` (as a local run
+    gives them), each as soon as it and every task before it have finished."""
+    tasks = list(tasks)
+    done, next_i = {}, 0
+    for i, (task, result, error) in enumerate_results(run_on_cluster(address, fn, tasks, names), tasks):
+        done[i] = (task, result, error)
+        while next_i in done:
+            yield done.pop(next_i)
+            next_i += 1
+
+
+def enumerate_results(results, tasks):
+    """(index of the task in ``tasks``, triple) for ``run_on_cluster``'s triples (tasks compared by identity)."""
+    index = {id(t): i for i, t in enumerate(tasks)}
+    for triple in results:
+        yield index[id(triple[0])], triple

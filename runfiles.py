@@ -1,0 +1,185 @@
+"""Run files: the one place where the stages write a file safely, clean up what a killed run left, list the
+scans of a part, and turn an error into one line.
+
+    with runfiles.atomic(path) as tmp:          # write to tmp; it becomes ``path`` only if the block succeeds
+        np.save(tmp, arr)
+    runfiles.write_json(path, obj)              # JSON / CSV in one call, atomically
+    runfiles.clean_stale(folder)                # temporary files a killed run left behind
+    runfiles.part_scans(work_dir, "test")       # stage-1 files of a part of 3_split/split.json (or "all")
+    runfiles.one_line(e)                        # an exception as one short line for a log or a summary
+
+Every temporary file is named ``<path>.tmp`` (``<path>.tmp<ext>`` for the extensions a writer insists on:
+.keras, .nii.gz, .npy, ...), in the folder of the file it becomes, so the final rename is atomic on every
+file system and a stale one is recognised by its name. ``commit`` holds the project's one rename.
+"""
+import contextlib
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+
+# writers that choose the format by the file name's ending keep that ending on the temporary name
+_KEEP_EXT = (".nii.gz", ".keras", ".nii", ".mha", ".mhd", ".nrrd", ".npy", ".npz")
+# what a temporary name looks like (current and earlier forms), for the cleaners
+_STALE = ("*.tmp", "*.tmp.*", ".*.tmp*")
+
+
+def tmp_name(path):
+    """The temporary name under which ``path`` is written before ``commit`` renames it."""
+    ext = next((e for e in _KEEP_EXT if path.endswith(e)), "")
+    return path + ".tmp" + ext
+
+
+def commit(tmp, path):
+    """Rename the finished ``tmp`` to ``path`` (atomic: a reader sees the old file or the new, never half)."""
+    os.replace(tmp, path)
+
+
+def _remove(p):
+    if os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p, ignore_errors=True)
+    elif os.path.lexists(p):
+        os.remove(p)
+
+
+@contextlib.contextmanager
+def atomic(path):
+    """Yield the temporary name of ``path`` (a file, or a folder the block creates); renamed to ``path`` when the
+    block succeeds, removed when it raises."""
+    tmp = tmp_name(path)
+    _remove(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(tmp) and os.path.isdir(path):
+            shutil.rmtree(path)                    # a folder replaces a folder of the same name
+        commit(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _plain(o):
+    """``o`` made JSON-friendly: numpy numbers to Python numbers, NaN / inf to null, keys starting with '_'
+    (a result's private arrays) left out."""
+    if isinstance(o, dict):
+        return {k: _plain(v) for k, v in o.items() if not str(k).startswith("_")}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _plain(o.tolist())
+    if isinstance(o, (bool, np.bool_)):
+        return bool(o)
+    if isinstance(o, (int, np.integer)):
+        return int(o)
+    if isinstance(o, (float, np.floating)):
+        return float(o) if np.isfinite(o) else None
+    if o is None or isinstance(o, str):
+        return o
+    return str(o)
+
+
+def write_json(path, obj):
+    """``obj`` as indented JSON at ``path``, atomically (see ``_plain`` for the conversions)."""
+    with atomic(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(_plain(obj), f, indent=2)
+    return path
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_csv(path, rows, fields, restval=""):
+    """``rows`` (dicts) as CSV with the columns ``fields`` (others ignored), atomically."""
+    with atomic(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore", restval=restval)
+            w.writeheader()
+            w.writerows(rows)
+    return path
+
+
+def stale_files(folder):
+    """The temporary files (and folders) a killed run left in ``folder``."""
+    import glob
+    found = set()
+    for pattern in _STALE:
+        found.update(glob.glob(os.path.join(glob.escape(folder), pattern)))
+    return sorted(found)
+
+
+def clean_stale(folder, log=None):
+    """Remove what ``stale_files`` finds; ``log``: a function given one line when anything was removed.
+    Returns the removed paths."""
+    stale = stale_files(folder) if os.path.isdir(folder) else []
+    for p in stale:
+        _remove(p)
+    if stale and log is not None:
+        log(f"removed {len(stale)} temporary file(s) of an interrupted run in {folder}")
+    return stale
+
+
+def one_line(e, limit=300):
+    """An exception as one line: HDF5's and Dask's multi-line messages reduced to the innermost cause."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("File ", "HDF5 error back trace", "End of HDF5"))]
+    text = lines[-1] if len(lines) > 1 and str(e).lstrip().startswith("HDF5") else " ".join(lines)
+    return text[:limit] if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------- the scans of a part
+
+def uid_of(path):
+    """The series uid of a stage-1 / stage-5 file: its name without .h5."""
+    name = os.path.basename(path)
+    return name[:-3] if name.endswith(".h5") else name
+
+
+def series_of_part(split, part):
+    """The series uids of one part in split.json; tolerant of {'test': {'series': [...]}} and
+    {'series': {'test': [...]}} layouts. None when the part is not there."""
+    entry = split.get(part)
+    if isinstance(entry, dict):
+        for key in ("series", "seriesuids", "series_uids"):
+            if key in entry:
+                return sorted(entry[key])
+    for key in ("series", "seriesuids", "series_uids"):
+        if isinstance(split.get(key), dict) and part in split[key]:
+            return sorted(split[key][part])
+    return None
+
+
+def part_scans(work_dir, part):
+    """Stage-1 files of the scans in ``part`` ('all', or a part of 3_split/split.json) -> list of paths."""
+    folder = os.path.join(work_dir, "1_preprocessed")
+    if part == "all":
+        if not os.path.isdir(folder):
+            raise SystemExit(f"{folder}: no stage-1 folder (run preprocess.py)")
+        return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".h5"))
+    split_path = os.path.join(work_dir, "3_split", "split.json")
+    if not os.path.isfile(split_path):
+        raise SystemExit(f"{split_path}: no split (run slice_idx.py, or use --SCANS=all)")
+    uids = series_of_part(read_json(split_path), part)
+    if uids is None:
+        raise SystemExit(f"{split_path}: no part {part!r} with its series")
+    return [os.path.join(folder, f"{uid}.h5") for uid in uids]
+
+
+# ----------------------------------------------------------------------------- the run folder's layout
+
+# folders of the earlier layout (stage 5's report in 6_..., stage 6 in 7_...) -> today's name
+_RENAMED = {"6_report": "5_report", "7_fp_reduction": "6_fp_reduction"}
+
+
+def refuse_old_layout(work_dir):
+    """Exit with one line when ``work_dir`` was written by the earlier layout (stage 5's report in 6_report/,
+    stage 6 in 7_fp_reduction/): saying how to rename it, instead of silently running everything again."""
+    for old, new in _RENAMED.items():
+        if os.path.isdir(os.path.join(work_dir, old)) and not os.path.exists(os.path.join(work_dir, new)):
+            moves = " && ".join(f"mv {os.path.join(work_dir, o)} {os.path.join(work_dir, n)}"
+                                for o, n in _RENAMED.items() if os.path.isdir(os.path.join(work_dir, o)))
+            raise SystemExit(f"{work_dir}: made by an earlier version ({old}/ is now {new}/); rename its folders "
+                             f"first: {moves}")
