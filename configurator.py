@@ -1,16 +1,24 @@
 """Command-line overrides of a script's top constants, in the spirit of nanoGPT's configurator.py.
 
-Every stage script keeps its settings as UPPERCASE constants at the top of the file. Calling
+Every stage script keeps its settings as UPPERCASE constants at the top of the file, each with a comment.
+Calling
 
     cfg = configure(globals(), sys.argv[1:])
 
-inside the script's main() turns each ``--NAME=value`` argument into an override of constant NAME:
-the value is parsed as a Python literal when it can be (``--N_WORKERS=2``, ``--CROP=(400, 400)``),
-otherwise it is kept as a string (``--DATASET=lidc``), and it must have the type of the default
-(an int is accepted where a float is expected). Unknown names, bad types and arguments that are not
-``--NAME=value`` are refused with one clear line (SystemExit), and so is a value outside the constant's
-declared choices (``configure(globals(), argv, choices={"LUNG_MASK": ("refined", "thesis")})``), before the
-script does any work. The effective constants are returned as a dict; ``save_config(cfg, folder)`` writes them beside a stage's output as ``config.json``.
+inside the script's main() reads them once into ``cfg``, a read-only ``Config`` (``cfg.WORK_DIR`` or
+``cfg["WORK_DIR"]``) that the script passes down; the module's constants themselves are never changed. Each
+``--NAME=value`` argument overrides constant NAME: the value is parsed as a Python literal when it can be
+(``--N_WORKERS=2``, ``--CROP=(400, 400)``), otherwise it is kept as a string (``--DATASET=lidc``), and it must
+have the type of the default (an int is accepted where a float is expected). Unknown names, bad types and
+arguments that are not ``--NAME=value`` are refused with one clear line (SystemExit), and so is a value outside
+the constant's declared choices (``configure(globals(), argv, choices={"LUNG_MASK": ("refined", "thesis")})``),
+before the script does any work.
+
+``--help`` (or ``-h``) prints the script's docstring up to its first blank line after "Run" / "Usage" (the
+whole docstring when it has neither) and every user-facing constant with its default and its comment, then
+exits 0. Constants meant for the program only are named with a leading underscore (``_KINDS``) and are
+neither listed nor settable. ``save_config(cfg, folder)`` writes the settings beside a stage's output as
+``config.json``.
 """
 import ast
 import json
@@ -22,6 +30,30 @@ def constants(namespace):
     """The UPPERCASE constants of a module namespace (its settings), in definition order."""
     return {k: v for k, v in namespace.items()
             if k.isupper() and not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, list, type(None)))}
+
+
+class Config(dict):
+    """A run's settings: a dict that is not changed after it is made, with attribute access (``cfg.LR``).
+    ``cfg.replace(NAME=value)`` returns a new Config with some values changed."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a Config is read-only: use cfg.replace(NAME=value)")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse
+
+    def replace(self, **changes):
+        new = dict(self)
+        new.update(changes)
+        return Config(new)
+
+    def __reduce__(self):                     # pickles (process pools, Dask) as a plain dict rebuilt as a Config
+        return (Config, (dict(self),))
 
 
 def _parse(name, text, default):
@@ -46,36 +78,80 @@ def _parse(name, text, default):
     return value
 
 
-_DEFAULTS = {}   # id(namespace) -> the constants as the file defines them (captured at the first call)
-
-
 def configure(namespace, argv=None, choices=None):
-    """Apply ``--NAME=value`` overrides to ``namespace`` (a script's globals()); return the effective constants.
-    ``choices``: {NAME: allowed values} for constants that take one of a few values (checked after the overrides).
-
-    Every call starts from the file's own values, so calling a script's main() twice in one process (tests,
-    notebooks) never carries the first call's overrides into the second."""
+    """The settings of a script: its constants (``namespace``, the script's globals()) with the ``--NAME=value``
+    overrides of ``argv`` applied -> Config. ``choices``: {NAME: allowed values} for constants that take one of a
+    few values (checked after the overrides). ``--help`` prints the usage and the constants and exits 0."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    defaults = _DEFAULTS.setdefault(id(namespace), dict(constants(namespace)))
-    namespace.update(defaults)
-    known = dict(defaults)
+    defaults = constants(namespace)
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(namespace, choices))
+        raise SystemExit(0)
+    values = dict(defaults)
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"argument {arg!r}: expected --NAME=value (NAME one of: {', '.join(known)})")
+            raise SystemExit(f"argument {arg!r}: expected --NAME=value (NAME one of: {', '.join(defaults)}; "
+                             f"--help lists them)")
         name, text = arg[2:].split("=", 1)
-        if name not in known:
-            raise SystemExit(f"unknown setting --{name}; known: {', '.join(known)}")
-        namespace[name] = _parse(name, text, known[name])
+        if name not in defaults:
+            raise SystemExit(f"unknown setting --{name}; known: {', '.join(defaults)}")
+        values[name] = _parse(name, text, defaults[name])
     for name, allowed in (choices or {}).items():
-        if namespace[name] not in allowed:
-            raise SystemExit(f"--{name}={namespace[name]}: expected one of {', '.join(map(str, allowed))}")
-    return constants(namespace)
+        if values[name] not in allowed:
+            raise SystemExit(f"--{name}={values[name]}: expected one of {', '.join(map(str, allowed))}")
+    return Config(values)
+
+
+# ----------------------------------------------------------------------------- --help
+
+def _comments(path):
+    """{NAME: its comment} for the top-level constants of the source file at ``path``: the comment on the
+    constant's line and on the comment-only lines that continue it."""
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError:
+        return {}
+    out, name = {}, None
+    for line in lines:
+        head = line.split("#", 1)[0]
+        comment = line.split("#", 1)[1].strip() if "#" in line else ""
+        if head and not head[0].isspace() and "=" in head and head.split("=", 1)[0].strip().isupper():
+            name = head.split("=", 1)[0].strip()
+            out[name] = comment
+        elif name and not head.strip() and comment and line.startswith(" "):
+            out[name] = (out[name] + " " + comment).strip()
+        elif head.strip():
+            name = None
+    return out
+
+
+def _usage(doc):
+    """The docstring up to and including its "Run" / "Usage" block (to the first blank line after it)."""
+    lines = (doc or "").strip("\n").splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().lower().rstrip(":").split(" ")[0] in ("run", "usage", "run:", "usage:"):
+            end = next((j for j in range(i + 1, len(lines)) if not lines[j].strip()), len(lines))
+            return "\n".join(lines[:end])
+    return "\n".join(lines)
+
+
+def help_text(namespace, choices=None):
+    """What ``--help`` prints: the usage part of the docstring, then each setting, its default and comment."""
+    path = namespace.get("__file__") or ""
+    comments = _comments(path) if path else {}
+    script = os.path.basename(path) or "script"
+    out = [_usage(namespace.get("__doc__")), "", f"Settings (python {script} --NAME=value ...):"]
+    for name, value in constants(namespace).items():
+        allowed = (choices or {}).get(name)
+        note = comments.get(name, "")
+        if allowed:
+            note = f"{note} [one of: {', '.join(map(str, allowed))}]".strip()
+        out.append(f"  --{name}={value!r}" + (f"\n      {note}" if note else ""))
+    return "\n".join(out)
 
 
 def save_config(cfg, folder, name="config.json"):
-    """Write the effective constants as JSON into ``folder`` (created if needed); return the path."""
+    """Write the settings as JSON into ``folder`` (created if needed), atomically; return the path."""
+    import runfiles
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, name)
-    with open(path, "w") as f:
-        json.dump(cfg, f, indent=2, default=str)
-    return path
+    return runfiles.write_json(os.path.join(folder, name), dict(cfg))
