@@ -183,3 +183,58 @@ def refuse_old_layout(work_dir):
                                 for o, n in _RENAMED.items() if os.path.isdir(os.path.join(work_dir, o)))
             raise SystemExit(f"{work_dir}: made by an earlier version ({old}/ is now {new}/); rename its folders "
                              f"first: {moves}")
+
+
+# ----------------------------------------------------------------------------- one run at a time in a folder
+
+@contextlib.contextmanager
+def hold(folder, what):
+    """Hold ``folder`` for this process while the block runs: a second run that wants it exits with one line
+    naming the holder (host, pid, what it runs). A lock left by a run that died (same host, pid gone) is taken
+    over. The lock is ``folder/.lock``, created exclusively (O_EXCL), removed at the end."""
+    import socket
+    import time
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, ".lock")
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "what": what, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is not None and not _dead(holder, me["host"]):
+                raise SystemExit(f"{folder}: in use by {holder.get('what', 'another run')} (pid {holder.get('pid')} on "
+                                 f"{holder.get('host')} since {holder.get('since')}); wait for it to end, or use "
+                                 f"another WORK_DIR") from None
+            _remove(path)                            # a crashed run's lock: taken over
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise SystemExit(f"{folder}: cannot take the lock {path}")
+    try:
+        yield
+    finally:
+        if (_lock_holder(path) or {}).get("pid") == me["pid"]:
+            _remove(path)
+
+
+def _lock_holder(path):
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return {}                                     # unreadable: half-written by a run that died at that moment
+
+
+def _dead(holder, host):
+    """Whether the run that wrote ``holder`` is gone: on this host, its pid no longer exists."""
+    if holder.get("host") != host:
+        return False                                  # another machine's run: cannot tell, assume alive
+    try:
+        os.kill(int(holder.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, TypeError):
+        return not isinstance(holder.get("pid"), int)
+    return False
