@@ -127,6 +127,36 @@ def _wand_window(image, center, min_radius, max_radius, roughness=2, zoom_factor
                  sigma=1.0, smoothness=0.05, votes=5):
     """The wand on a window around ``center``. Returns (mask, y0, x0): a bool window whose top-left pixel
     is image pixel (y0, x0) (it may reach outside the image; the caller crops)."""
+    image, cy, cx, min_radius, max_radius, z, cr = _checked(image, center, min_radius, max_radius, zoom_factor,
+                                                           center_range)
+    win, zwin, zf, y0, x0 = _smoothed_window(image, cy, cx, max_radius + cr + 3 * max(sigma, 0) + 3, sigma, z)
+    # center in the (zoomed) window frame: pixel p of the window is at (p + 0.5) * zf - 0.5
+    wcy, wcx = (cy - y0 + 0.5) * zf - 0.5, (cx - x0 + 0.5) * zf - 0.5
+    r_lo = int(math.floor(min_radius * zf))
+    r_hi = max(int(math.ceil(max_radius * zf)), r_lo + 1)
+    radii = np.arange(r_lo, r_hi + 2, dtype=np.float64)          # samples; edges between neighbours
+    n_ang = max(16, int(round(2 * math.pi * r_hi * float(roughness))))
+    theta = np.arange(n_ang) * (2 * math.pi / n_ang)
+    d = cr * zf
+    offs = np.array([(0, 0)] + [(dy, dx) for dy in (-d, 0, d) for dx in (-d, 0, d) if (dy, dx) != (0, 0)])
+    if cr == 0:
+        offs = offs[:1]
+    starts = np.stack([wcy + offs[:, 0], wcx + offs[:, 1]], axis=1)
+    edge = _polar_edges(zwin, starts, radii, theta)              # (S, A, R): boundary at radii[:-1] + 0.5
+    pen = 0.0
+    if smoothness > 0:
+        level = np.percentile(edge, 99)
+        pen = float(smoothness) * (level if level > 0 else 1.0)
+    paths = best_closed_path(edge, pen)                          # (S, A)
+    bound = radii[paths] + 0.5                                   # boundary radius, zoomed px
+    count = _inside_counts(win.shape[0], zf, starts, theta, bound)
+    need = min(votes, len(offs))
+    return count >= need, y0, x0
+
+
+def _checked(image, center, min_radius, max_radius, zoom_factor, center_range):
+    """The wand's arguments checked (ValueError) and as numbers -> (image, cy, cx, min_radius, max_radius,
+    zoom, center_range); max_radius is at least min_radius + 1."""
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"cell_magic_wand: expected a 2-D image, got shape {image.shape}")
@@ -140,57 +170,45 @@ def _wand_window(image, center, min_radius, max_radius, roughness=2, zoom_factor
     z = float(zoom_factor)
     if not z > 0:
         raise ValueError(f"cell_magic_wand: zoom_factor must be > 0, got {zoom_factor}")
-    cr = float(center_range)
+    return image, cy, cx, min_radius, max_radius, z, float(center_range)
 
-    iy, ix = int(round(cy)), int(round(cx))
-    half = int(math.ceil(max_radius + cr + 3 * max(sigma, 0) + 3))
-    win, y0, x0 = _window(image, iy, ix, half)
+
+def _smoothed_window(image, cy, cx, reach, sigma, z):
+    """The window of half size ceil(``reach``) around the pixel nearest (cy, cx), smoothed (Gaussian ``sigma``)
+    and zoomed by ``z`` -> (window, zoomed window, the exact zoom factor, y0, x0 of its top-left pixel)."""
+    win, y0, x0 = _window(image, int(round(cy)), int(round(cx)), int(math.ceil(reach)))
     win = win.astype(np.float64)
     if sigma > 0:
         win = ndimage.gaussian_filter(win, sigma, mode="nearest")
-    if z != 1:
-        zwin = ndimage.zoom(win, z, order=1, mode="nearest", grid_mode=True)
-        zf = zwin.shape[0] / win.shape[0]             # the exact factor zoom used
-    else:
-        zwin, zf = win, 1.0
-    # center in the (zoomed) window frame: pixel p of the window is at (p + 0.5) * zf - 0.5
-    wcy, wcx = (cy - y0 + 0.5) * zf - 0.5, (cx - x0 + 0.5) * zf - 0.5
+    if z == 1:
+        return win, win, 1.0, y0, x0
+    zwin = ndimage.zoom(win, z, order=1, mode="nearest", grid_mode=True)
+    return win, zwin, zwin.shape[0] / win.shape[0], y0, x0
 
-    r_lo = int(math.floor(min_radius * zf))
-    r_hi = max(int(math.ceil(max_radius * zf)), r_lo + 1)
-    radii = np.arange(r_lo, r_hi + 2, dtype=np.float64)          # samples; edges between neighbours
-    n_ang = max(16, int(round(2 * math.pi * r_hi * float(roughness))))
-    theta = np.arange(n_ang) * (2 * math.pi / n_ang)
-    d = cr * zf
-    offs = np.array([(0, 0)] + [(dy, dx) for dy in (-d, 0, d) for dx in (-d, 0, d) if (dy, dx) != (0, 0)])
-    if cr == 0:
-        offs = offs[:1]
-    sy = wcy + offs[:, 0, None, None] + radii[None, None, :] * np.sin(theta)[None, :, None]
-    sx = wcx + offs[:, 1, None, None] + radii[None, None, :] * np.cos(theta)[None, :, None]
+
+def _polar_edges(zwin, starts, radii, theta):
+    """Bilinear polar samples of ``zwin`` around each start (S, 2) at ``radii`` and angles ``theta`` -> their
+    radial differences (S, A, R): the edge between radii[k] and radii[k + 1]."""
+    sy = starts[:, 0, None, None] + radii[None, None, :] * np.sin(theta)[None, :, None]
+    sx = starts[:, 1, None, None] + radii[None, None, :] * np.cos(theta)[None, :, None]
     polar = ndimage.map_coordinates(zwin, [sy.ravel(), sx.ravel()], order=1, mode="nearest")
-    polar = polar.reshape(sy.shape)                              # (S, A, R + 1)
-    edge = np.diff(polar, axis=2)                                # (S, A, R): boundary at radii[:-1] + 0.5
-    pen = 0.0
-    if smoothness > 0:
-        level = np.percentile(edge, 99)
-        pen = float(smoothness) * (level if level > 0 else 1.0)
-    paths = best_closed_path(edge, pen)                          # (S, A)
-    bound = radii[paths] + 0.5                                   # boundary radius, zoomed px
+    return np.diff(polar.reshape(sy.shape), axis=2)
 
-    # back to the original pixels of the window
-    n = win.shape[0]
+
+def _inside_counts(n, zf, starts, theta, bound):
+    """For each of the n x n original pixels of the window: how many starts' boundaries (radius ``bound`` (S, A)
+    at angles ``theta``, zoomed frame) hold it (boundary radii interpolated between the sampled angles)."""
     py = (np.arange(n) + 0.5) * zf - 0.5
     px = py
     count = np.zeros((n, n), dtype=np.int16)
-    for s in range(len(offs)):
-        dy = py[:, None] - (wcy + offs[s, 0])
-        dx = px[None, :] - (wcx + offs[s, 1])
+    for s in range(len(starts)):
+        dy = py[:, None] - starts[s, 0]
+        dx = px[None, :] - starts[s, 1]
         rho = np.hypot(dy, dx)
         ang = np.mod(np.arctan2(dy, dx), 2 * math.pi)
         rb = np.interp(ang, theta, bound[s], period=2 * math.pi)
         count += rho <= rb
-    need = min(votes, len(offs))
-    return count >= need, y0, x0
+    return count
 
 
 def cell_magic_wand(image, center, min_radius, max_radius, roughness=2, zoom_factor=1, center_range=2,
@@ -258,94 +276,124 @@ def wand_nodule_box(hu, center_zyx, diameter_mm, spacing_zyx, three_slice=False,
     hu = np.asarray(hu)
     if hu.ndim != 3:
         raise ValueError(f"wand_nodule_box: expected a (Z, Y, X) volume, got shape {hu.shape}")
-    Z, Y, X = hu.shape
-    sz, sy, sx = (float(v) for v in spacing_zyx)
-    s_xy = 0.5 * (sy + sx)
-    c = np.asarray(center_zyx, dtype=np.float64)
-    ci = np.clip(np.rint(c).astype(int), 0, np.array([Z - 1, Y - 1, X - 1]))
+    spacing_zyx = tuple(float(v) for v in spacing_zyx)
+    s_xy, c = 0.5 * (spacing_zyx[1] + spacing_zyx[2]), np.asarray(center_zyx, dtype=np.float64)
+    ci = np.clip(np.rint(c).astype(int), 0, np.array(hu.shape) - 1)
     R = 0.5 * float(diameter_mm)
-    if z_margin_mm is None:
-        z_margin_mm = margin_mm
-    cr = float(center_range)
-
-    # slices and their max radius (px)
-    if three_slice:
-        zs = [z for z in (ci[0] - 1, ci[0], ci[0] + 1) if 0 <= z < Z]
-        rmax = {z: (R + margin_mm) / s_xy for z in zs}
-    else:
-        nz = int(math.floor((R + z_margin_mm) / sz + 1e-9))
-        zs = [z for z in range(ci[0] - nz, ci[0] + nz + 1) if 0 <= z < Z]
-        rmax = {}
-        for z in zs:
-            dz = (z - c[0]) * sz
-            r_sl = math.sqrt(max(R * R - dz * dz, 0.0))
-            rmax[z] = (r_sl + margin_mm) / s_xy
-        zs = [z for z in zs if abs((z - c[0]) * sz) <= R + z_margin_mm or z == ci[0]]
+    rmax = _slice_radii(c, ci, R, hu.shape[0], spacing_zyx[0], s_xy, three_slice, margin_mm,
+                        margin_mm if z_margin_mm is None else z_margin_mm)
     if thesis_radius:
-        rmax = {z: float(diameter_mm) + 2.0 for z in zs}
-    rmax = {z: max(r, min_radius_px + 1.0) for z, r in rmax.items()}
+        rmax = {z: float(diameter_mm) + 2.0 for z in rmax}
+    rmax = {z: max(r, min_radius_px + 1.0) for z, r in rmax.items()}        # at least min radius + 1
+    slices = _box_slices(hu.shape, ci, rmax, float(center_range))
+    box = np.zeros(tuple(sl.stop - sl.start for sl in slices), dtype=bool)
+    if diameter_mm < min_diameter_mm:
+        return box, slices
+    wand = _wand_slices(hu, c, rmax, slices, min_radius_px, hu_window, dict(
+        roughness=roughness, zoom_factor=zoom_factor, center_range=float(center_range), smoothness=smoothness))
+    hub = hu[slices].astype(np.float32)
+    cb = ci - np.array([sl.start for sl in slices])
+    floor = _density_floor(wand, hub, cb[0], hu_floor) if adaptive_floor else float(hu_floor)
+    box = wand & (hub >= floor)
+    box = _fill_holes_per_slice(box) if fill_holes else box
+    return _center_component(box, cb, R, spacing_zyx, max(1.0, min(float(min_radius_px), R / s_xy))), slices
 
+
+def _slice_radii(c, ci, R, n_slices, sz, s_xy, three_slice, margin_mm, z_margin_mm):
+    """{slice z: the wand's max radius (px)} of the slices labelled: c-1, c, c+1 with the full radius R + margin
+    (``three_slice``), else every slice within R + ``z_margin_mm`` of the centre (and the centre slice) with
+    the cross-section radius of the sphere there + margin."""
+    if three_slice:
+        zs = [z for z in (ci[0] - 1, ci[0], ci[0] + 1) if 0 <= z < n_slices]
+        return {z: (R + margin_mm) / s_xy for z in zs}
+    nz = int(math.floor((R + z_margin_mm) / sz + 1e-9))
+    zs = [z for z in range(ci[0] - nz, ci[0] + nz + 1) if 0 <= z < n_slices]
+    rmax = {}
+    for z in zs:
+        dz = (z - c[0]) * sz
+        r_sl = math.sqrt(max(R * R - dz * dz, 0.0))
+        rmax[z] = (r_sl + margin_mm) / s_xy
+    return {z: rmax[z] for z in zs if abs((z - c[0]) * sz) <= R + z_margin_mm or z == ci[0]}
+
+
+def _box_slices(shape, ci, rmax, cr):
+    """The label's box in the volume: the labelled slices, and in-plane the largest max radius + the multi-start
+    distance ``cr`` + 1 around the centre voxel ``ci``, clipped to the volume -> 3 slice objects."""
+    Z, Y, X = shape
     half = int(math.ceil(max(rmax.values()) + cr + 1))
     y0, y1 = max(ci[1] - half, 0), min(ci[1] + half + 1, Y)
     x0, x1 = max(ci[2] - half, 0), min(ci[2] + half + 1, X)
-    z0, z1 = min(zs), max(zs) + 1
-    slices = (slice(z0, z1), slice(y0, y1), slice(x0, x1))
-    box = np.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=bool)
-    if diameter_mm < min_diameter_mm:
-        return box, slices
-    hub = hu[slices].astype(np.float32)
+    return slice(min(rmax), max(rmax) + 1), slice(y0, y1), slice(x0, x1)
 
+
+def _wand_slices(hu, c, rmax, slices, min_radius_px, hu_window, wand_kw):
+    """The 2-D wand on each labelled slice (the negated HU clipped to ``hu_window``, centred at the nodule's
+    (y, x)) -> the wand masks pasted into a bool box of ``slices``. The wand sees a region a few pixels wider
+    than the box (for its smoothing), in that region's frame."""
+    Z, Y, X = hu.shape
+    (z0, z1), (y0, y1), (x0, x1) = ((sl.start, sl.stop) for sl in slices)
+    box = np.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=bool)
     lo, hi = (-np.inf, np.inf) if hu_window is None else (float(hu_window[0]), float(hu_window[1]))
-    # the wand sees a region a few pixels wider than the box (for its smoothing), in that region's frame
     gy0, gy1 = max(y0 - 8, 0), min(y1 + 8, Y)
     gx0, gx1 = max(x0 - 8, 0), min(x1 + 8, X)
-    for z in zs:
+    for z in rmax:
         img = -np.clip(hu[z, gy0:gy1, gx0:gx1].astype(np.float32), lo, hi)
-        m, wy, wx = _wand_window(img, (c[1] - gy0, c[2] - gx0), min_radius_px, rmax[z], roughness,
-                                 zoom_factor, cr, smoothness=smoothness)
+        m, wy, wx = _wand_window(img, (c[1] - gy0, c[2] - gx0), min_radius_px, rmax[z], wand_kw["roughness"],
+                                 wand_kw["zoom_factor"], wand_kw["center_range"], smoothness=wand_kw["smoothness"])
         wy, wx = wy + gy0, wx + gx0
         # paste window (top-left at image (wy, wx)) into the box (top-left at (y0, x0))
         ys, xs = max(wy, y0), max(wx, x0)
         ye, xe = min(wy + m.shape[0], y1), min(wx + m.shape[1], x1)
         if ye > ys and xe > xs:
             box[z - z0, ys - y0:ye - y0, xs - x0:xe - x0] = m[ys - wy:ye - wy, xs - wx:xe - wx]
-    wand = box.copy()
+    return box
 
-    # density floor (optionally lowered for faint / part-solid nodules)
+
+def _density_floor(wand, hub, cz, hu_floor):
+    """The adaptive density floor: ``min(hu_floor, (nodule + lung) / 2)``, nodule = the 25th percentile HU inside
+    the centre slice's (``cz``) wand mask (eroded by 1 px to drop the partial-volume rim), lung = the 25th
+    percentile HU of the box ``hub`` outside the wand masks; ``hu_floor`` when either is not there or the
+    nodule is not denser."""
     floor = float(hu_floor)
-    cb = ci - np.array([z0, y0, x0])
-    if adaptive_floor and wand[cb[0]].any() and not wand.all():
-        inner = wand[cb[0]]
-        er = ndimage.binary_erosion(inner)               # drop the partial-volume rim
-        if er.sum() >= 5:
-            inner = er
-        nod = float(np.percentile(hub[cb[0]][inner], 25))
-        bg = float(np.percentile(hub[~wand], 25))
-        if nod > bg:
-            floor = min(floor, 0.5 * (nod + bg))
-    box &= hub >= floor
-    if fill_holes:
-        for k in range(box.shape[0]):
-            if box[k].any():
-                box[k] = ndimage.binary_fill_holes(box[k])
+    if not wand[cz].any() or wand.all():
+        return floor
+    inner = wand[cz]
+    er = ndimage.binary_erosion(inner)               # drop the partial-volume rim
+    if er.sum() >= 5:
+        inner = er
+    nod = float(np.percentile(hub[cz][inner], 25))
+    bg = float(np.percentile(hub[~wand], 25))
+    if nod > bg:
+        floor = min(floor, 0.5 * (nod + bg))
+    return floor
 
+
+def _fill_holes_per_slice(box):
+    """``box`` with the enclosed holes of each slice filled."""
+    for k in range(box.shape[0]):
+        if box[k].any():
+            box[k] = ndimage.binary_fill_holes(box[k])
+    return box
+
+
+def _center_component(box, cb, R, spacing_zyx, rf):
+    """The 3-D component (26-connectivity) of ``box`` holding the centre voxel ``cb``. When the centre is not in
+    the box: the nearest component within R (mm) of it, if any, plus a disc of radius ``rf`` px around the
+    centre on its slice (the centre voxel is always labelled)."""
     lab, n = ndimage.label(box, structure=np.ones((3, 3, 3), dtype=bool))
     keep = lab[tuple(cb)]
     if keep > 0:
-        box = lab == keep
-    else:
-        out = np.zeros_like(box)
-        if n > 0:
-            pts = np.argwhere(lab > 0)
-            d2 = (((pts - cb) * np.array([sz, sy, sx])) ** 2).sum(axis=1)
-            j = int(np.argmin(d2))
-            if d2[j] <= R * R:
-                out = lab == lab[tuple(pts[j])]
-        rf = max(1.0, min(float(min_radius_px), R / s_xy))
-        yy, xx = np.ogrid[:box.shape[1], :box.shape[2]]
-        out[cb[0]] |= (yy - cb[1]) ** 2 + (xx - cb[2]) ** 2 <= rf * rf
-        box = out
-    return box, slices
+        return lab == keep
+    out = np.zeros_like(box)
+    if n > 0:
+        pts = np.argwhere(lab > 0)
+        d2 = (((pts - cb) * np.array(spacing_zyx)) ** 2).sum(axis=1)
+        j = int(np.argmin(d2))
+        if d2[j] <= R * R:
+            out = lab == lab[tuple(pts[j])]
+    yy, xx = np.ogrid[:box.shape[1], :box.shape[2]]
+    out[cb[0]] |= (yy - cb[1]) ** 2 + (xx - cb[2]) ** 2 <= rf * rf
+    return out
 
 
 def wand_nodule_mask(hu, center_zyx, diameter_mm, spacing_zyx, three_slice=False, hu_floor=-500, **kw):

@@ -213,12 +213,33 @@ def read_dicom_series(folder, series_uid=None, allow_z_gaps=False):
     ``Scan.warnings``). Corrupt files, non-CT series, inconsistent slices raise ScanError;
     so does a gap in z (missing slices), unless ``allow_z_gaps``: the slices are then resampled (linearly,
     from their true positions) onto an even grid of the median slice step."""
-    import pydicom
     headers, bad = _dicom_headers(folder)
     if bad:
         raise ScanError(f"{folder}: corrupt DICOM file(s): {'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
     if not headers:
         raise ScanError(f"{folder}: no DICOM image found")
+    uid, items, warnings = _pick_series(folder, headers, series_uid)
+    first = items[0][1]
+    if str(first.get("Modality", "")) != "CT":
+        raise ScanError(f"{folder}: not a CT series (Modality {first.get('Modality', '?')})")
+    items, along, pos, (row, col, normal), dz = _sorted_slices(folder, items)
+    gap = _gap(folder, along, dz)
+    if gap and not allow_z_gaps:
+        raise ScanError(f"{gap}; refused (ALLOW_Z_GAPS=1 resamples onto an even grid)")
+    hu = _pixels_hu(items, int(first.Rows), int(first.Columns))
+    if gap:
+        hu = _resample_z(hu, along - along[0], dz)
+        warnings.append(f"{gap}; resampled onto {hu.shape[0]} slices {dz:.2f} mm apart")
+    ps = [float(v) for v in first.PixelSpacing]     # (row spacing = dy, column spacing = dx)
+    direction = tuple(np.stack([row, col, normal], axis=1).reshape(-1))
+    return Scan(hu=hu, origin=tuple(pos[0]), spacing=(ps[1], ps[0], dz), direction=direction,
+                seriesuid=uid, patient_id=str(first.get("PatientID", "")), source="lidc", path=folder,
+                warnings=warnings)
+
+
+def _pick_series(folder, headers, series_uid):
+    """The series to read among ``headers`` [(file, header)]: ``series_uid``, else the CT series with the most
+    slices -> (uid, its [(file, header)], warnings)."""
     series = {}
     for f, ds in headers:
         series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
@@ -226,19 +247,21 @@ def read_dicom_series(folder, series_uid=None, allow_z_gaps=False):
     if series_uid is not None:
         if series_uid not in series:
             raise ScanError(f"{folder}: series {series_uid} not found (found {len(series)} series)")
-        uid = series_uid
-    else:
-        ct = {u: s for u, s in series.items() if str(s[0][1].get("Modality", "")) == "CT"}
-        if not ct:
-            mods = sorted({str(s[0][1].get("Modality", "?")) for s in series.values()})
-            raise ScanError(f"{folder}: not a CT series (Modality {', '.join(mods)})")
-        uid = max(ct, key=lambda u: len(ct[u]))
-        if len(series) > 1:
-            warnings.append(f"{folder}: {len(series)} series in folder, read {uid} ({len(series[uid])} slices)")
-    items = series[uid]
+        return series_uid, series[series_uid], warnings
+    ct = {u: s for u, s in series.items() if str(s[0][1].get("Modality", "")) == "CT"}
+    if not ct:
+        mods = sorted({str(s[0][1].get("Modality", "?")) for s in series.values()})
+        raise ScanError(f"{folder}: not a CT series (Modality {', '.join(mods)})")
+    uid = max(ct, key=lambda u: len(ct[u]))
+    if len(series) > 1:
+        warnings.append(f"{folder}: {len(series)} series in folder, read {uid} ({len(series[uid])} slices)")
+    return uid, series[uid], warnings
+
+
+def _sorted_slices(folder, items):
+    """The slices sorted along the slice normal -> (items, position along the normal (mm), positions (N, 3),
+    (row, column, normal) cosines, slice step dz (median step; SliceThickness for one slice))."""
     first = items[0][1]
-    if str(first.get("Modality", "")) != "CT":
-        raise ScanError(f"{folder}: not a CT series (Modality {first.get('Modality', '?')})")
     try:
         orient = np.array([float(v) for v in first.ImageOrientationPatient])
         row, col = orient[:3], orient[3:]
@@ -254,13 +277,23 @@ def read_dicom_series(folder, series_uid=None, allow_z_gaps=False):
     if np.any(steps < 1e-3):
         raise ScanError(f"{folder}: {int(np.sum(steps < 1e-3))} duplicate slice position(s)")
     dz = float(np.median(steps)) if len(items) > 1 else float(first.get("SliceThickness", 1.0))
+    return items, along, pos, (row, col, normal), dz
+
+
+def _gap(folder, along, dz):
+    """One line describing the gaps in z (steps over 1.5 dz: missing slices), or "" when there are none."""
+    steps = np.diff(along)
     gaps = np.nonzero(steps > 1.5 * dz)[0]
-    if len(gaps):
-        gap = (f"{folder}: {len(gaps)} gap(s) in z, first after slice {gaps[0]} ({steps[gaps[0]]:.2f} mm "
-               f"vs {dz:.2f} mm, about {int(round(steps[gaps[0]] / dz)) - 1} slice(s) missing)")
-        if not allow_z_gaps:
-            raise ScanError(f"{gap}; refused (ALLOW_Z_GAPS=1 resamples onto an even grid)")
-    rows, cols = int(first.Rows), int(first.Columns)
+    if not len(gaps):
+        return ""
+    return (f"{folder}: {len(gaps)} gap(s) in z, first after slice {gaps[0]} ({steps[gaps[0]]:.2f} mm "
+            f"vs {dz:.2f} mm, about {int(round(steps[gaps[0]] / dz)) - 1} slice(s) missing)")
+
+
+def _pixels_hu(items, rows, cols):
+    """The slices' pixel data in HU (RescaleSlope/Intercept, PixelPaddingValue) -> int16 (Z, Y, X); each slice
+    must be ``rows`` x ``cols``."""
+    import pydicom
     hu = np.empty((len(items), rows, cols), dtype=np.int16)
     for k, (f, _) in enumerate(items):
         try:
@@ -273,14 +306,7 @@ def read_dicom_series(folder, series_uid=None, allow_z_gaps=False):
         pad = ds.get("PixelPaddingValue", None)
         hu[k] = to_hu(raw, float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0)),
                       int(pad) if pad is not None else None)
-    if len(gaps):
-        hu = _resample_z(hu, along - along[0], dz)
-        warnings.append(f"{gap}; resampled onto {hu.shape[0]} slices {dz:.2f} mm apart")
-    ps = [float(v) for v in first.PixelSpacing]     # (row spacing = dy, column spacing = dx)
-    direction = tuple(np.stack([row, col, normal], axis=1).reshape(-1))
-    return Scan(hu=hu, origin=tuple(pos[0]), spacing=(ps[1], ps[0], dz), direction=direction,
-                seriesuid=uid, patient_id=str(first.get("PatientID", "")), source="lidc", path=folder,
-                warnings=warnings)
+    return hu
 
 
 def _resample_z(hu, z_mm, dz):
@@ -348,16 +374,28 @@ def write_scan_h5(path, scan, lung_mask, nodule_mask, nodules, constants=None):
     """Write a stage-1 file atomically: to ``path + '.tmp'``, read back and compared with what was written
     (a full disk can fail silently at close), then renamed. A failed write raises ScanError and leaves no
     file behind. ``nodules``: array of NODULE_DTYPE."""
-    import json
-    import tables
-    tmp = path + ".tmp"
-    filters = tables.Filters(complevel=5, complib="blosc:zstd", shuffle=True)
+    import runfiles
     arrays = (("hu", scan.hu.astype(np.int16)), ("lung_mask", lung_mask.astype(np.uint8)),
               ("nodule_mask", nodule_mask.astype(np.uint8)))
     nodules = np.asarray(nodules, dtype=NODULE_DTYPE)
-    h5 = None
     try:
-        h5 = tables.open_file(tmp, "w")
+        with runfiles.atomic(path) as tmp:
+            _write_h5(tmp, scan, arrays, nodules, constants)
+            _check_read_back(tmp, scan, arrays, nodules)
+    except Exception as e:                          # disk full, I/O error, HDF5 error: nothing left behind
+        import shutil
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
+        raise ScanError(f"{path}: writing failed, nothing written ({runfiles.one_line(e, 200)}; "
+                        f"{free:.1f} MiB free there)") from None
+
+
+def _write_h5(tmp, scan, arrays, nodules, constants):
+    """The stage-1 file's arrays, /nodules table and attributes written to ``tmp`` (closed even on failure)."""
+    import json
+    import tables
+    filters = tables.Filters(complevel=5, complib="blosc:zstd", shuffle=True)
+    h5 = tables.open_file(tmp, "w")
+    try:
         for name, arr in arrays:
             h5.create_carray("/", name, obj=arr, filters=filters, chunkshape=(1,) + arr.shape[1:])
         h5.create_table("/", "nodules", nodules, title="annotated nodules")
@@ -370,28 +408,23 @@ def write_scan_h5(path, scan, lung_mask, nodule_mask, nodules, constants=None):
         a.source_path = scan.path
         a.constants = json.dumps(constants or {}, default=str)
         h5.close()
-        import h5py
-        import hdf5plugin  # noqa: F401  (blosc for h5py)
-        with h5py.File(tmp, "r") as f:              # read back with h5py: PyTables, opening a damaged file,
-            bad = [name for name, arr in arrays     # can leave it open (on a full disk, its space stays held)
-                   if not np.array_equal(f[name][()], arr)]
-            bad += [] if np.array_equal(f["nodules"][()], nodules) else ["nodules"]
-            uid = f.attrs.get("seriesuid")
-            bad += [] if (uid.decode() if isinstance(uid, bytes) else str(uid)) == scan.seriesuid else ["attributes"]
-        if bad:
-            raise OSError(f"{', '.join(bad)} read back differently")
-    except Exception as e:                          # disk full, I/O error, HDF5 error: nothing left behind
+    finally:
         try:
-            if h5 is not None and h5.isopen:
+            if h5.isopen:
                 h5.close()
-        except Exception:                           # closing flushes, and the disk is still full
+        except Exception:                           # closing flushes, and the disk may still be full
             pass
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        lines = [ln for ln in lines if not ln.startswith(("File ", "HDF5 error back trace", "End of HDF5"))]
-        detail = lines[-1][:200] if lines else type(e).__name__      # HDF5's messages: the innermost cause
-        import shutil
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
-        raise ScanError(f"{path}: writing failed, nothing written ({detail}; {free:.1f} MiB free there)") from None
-    os.replace(tmp, path)
+
+
+def _check_read_back(tmp, scan, arrays, nodules):
+    """Read ``tmp`` back with h5py and compare it with what was written (OSError naming what differs). h5py,
+    not PyTables: PyTables, opening a damaged file, can leave it open (on a full disk, its space stays held)."""
+    import h5py
+    import hdf5plugin  # noqa: F401  (blosc for h5py)
+    with h5py.File(tmp, "r") as f:
+        bad = [name for name, arr in arrays if not np.array_equal(f[name][()], arr)]
+        bad += [] if np.array_equal(f["nodules"][()], nodules) else ["nodules"]
+        uid = f.attrs.get("seriesuid")
+        bad += [] if (uid.decode() if isinstance(uid, bytes) else str(uid)) == scan.seriesuid else ["attributes"]
+    if bad:
+        raise OSError(f"{', '.join(bad)} read back differently")

@@ -34,6 +34,7 @@ import sys
 
 import numpy as np
 
+import runfiles
 from configurator import configure, save_config
 
 # ----------------------------------------------------------------------------- constants
@@ -170,40 +171,47 @@ def make_split(slices, val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, s
     return idx, info
 
 
-def _save_npy(path, arr):
-    tmp = path + ".tmp.npy"
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
-def main(argv=None):
+def _read_slices(path):
+    """The ``/slices`` rows of the table at ``path``, or None after saying (stderr) why there are none."""
     import tables
-    cfg = configure(globals(), argv)
-    in_dir = IN_DIR or os.path.join(WORK_DIR, "2_table")
-    out_dir = OUT_DIR or os.path.join(WORK_DIR, "3_split")
-    path = os.path.join(in_dir, TABLE_NAME)
     if not os.path.isfile(path):
         print(f"{path}: no slice table; run table.py first", file=sys.stderr)
-        return 2
+        return None
     with tables.open_file(path, "r") as h5:
         slices = h5.root.slices.read()
     if not len(slices):
         print(f"{path}: the table has no rows", file=sys.stderr)
-        return 2
-    guard = guard_series(TEST_LUNA16_DIR, TEST_FOLDS) if TEST_LUNA16_DIR else None
-    test_patients = json.load(open(TEST_FROM))["test"]["patients"] if TEST_FROM else None
-    idx, info = make_split(slices, VAL_FRACTION, TEST_FRACTION, SEED, STRATIFY, tuple(TEST_FOLDS), guard,
-                           GUARD_BY_PATIENT, test_patients)
-    info["test_from"] = os.path.abspath(TEST_FROM) if TEST_FROM else None
-    info["table"] = os.path.abspath(path)
-    info["guard_source"] = TEST_LUNA16_DIR or None
+        return None
+    return slices
+
+
+def _write_split(out_dir, idx, info):
+    """The parts' row indexes, then split.json (written last: it marks the split complete), each atomically."""
     os.makedirs(out_dir, exist_ok=True)
     for k in ("train", "val", "test"):
-        _save_npy(os.path.join(out_dir, f"{k}_idx.npy"), idx[k])
-    tmp = os.path.join(out_dir, "split.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "split.json"))           # written last: marks the split complete
+        with runfiles.atomic(os.path.join(out_dir, f"{k}_idx.npy")) as tmp:
+            np.save(tmp, idx[k])
+    with runfiles.atomic(os.path.join(out_dir, "split.json")) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(info, f, indent=1)
+
+
+def main(argv=None):
+    cfg = configure(globals(), argv)
+    in_dir = cfg.IN_DIR or os.path.join(cfg.WORK_DIR, "2_table")
+    out_dir = cfg.OUT_DIR or os.path.join(cfg.WORK_DIR, "3_split")
+    path = os.path.join(in_dir, cfg.TABLE_NAME)
+    slices = _read_slices(path)                                   # 1. the table's rows
+    if slices is None:
+        return 2
+    guard = guard_series(cfg.TEST_LUNA16_DIR, cfg.TEST_FOLDS) if cfg.TEST_LUNA16_DIR else None   # 2. guard
+    test_patients = runfiles.read_json(cfg.TEST_FROM)["test"]["patients"] if cfg.TEST_FROM else None
+    idx, info = make_split(slices, cfg.VAL_FRACTION, cfg.TEST_FRACTION, cfg.SEED, cfg.STRATIFY,   # 3. split
+                           tuple(cfg.TEST_FOLDS), guard, cfg.GUARD_BY_PATIENT, test_patients)
+    info["test_from"] = os.path.abspath(cfg.TEST_FROM) if cfg.TEST_FROM else None
+    info["table"] = os.path.abspath(path)
+    info["guard_source"] = cfg.TEST_LUNA16_DIR or None
+    _write_split(out_dir, idx, info)                              # 4. indexes, split.json, config.json
     save_config(cfg, out_dir)
     for k in ("train", "val", "test"):
         print(f"{k:5s}: {len(info[k]['patients']):4d} patients, {len(info[k]['series']):4d} series, "

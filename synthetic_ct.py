@@ -35,6 +35,7 @@ from scipy import ndimage as ndi
 
 import configurator
 import ct_io
+import runfiles
 
 # ----------------------------------------------------------------------------- settings
 WORK_DIR = "work"                  # root of a pipeline run
@@ -81,14 +82,14 @@ LIDC_MAX_SLICES = 160              # LIDC scans are drawn among real ones with a
 LIDC_MIN_READERS = 3               # ... that hold a nodule cluster marked by at least this many readers
 
 # ----------------------------------------------------------------------------- tissues
-AIR, FAT, MUSCLE, CORTEX, MARROW, MEDIAST, MEDFAT, HEART, AORTA, LUNG, VESSEL, AIRWAY, AWALL, LIVER, \
-    ABDOMEN, GAS, FLUID, TABLE, DISC, CANAL = range(20)
-TISSUE_HU = {AIR: -1000, FAT: -100, MUSCLE: 40, CORTEX: 700, MARROW: 250, MEDIAST: 40, MEDFAT: -90,
-             HEART: 40, AORTA: 40, LUNG: -850, VESSEL: 40, AIRWAY: -1000, AWALL: 40, LIVER: 55,
-             ABDOMEN: 35, GAS: -1000, FLUID: 15, TABLE: 200, DISC: 90, CANAL: 15}
-TEXTURE_HU = {FAT: 10, MUSCLE: 8, MEDIAST: 8, MEDFAT: 10, LUNG: 25, LIVER: 6, ABDOMEN: 10, MARROW: 30}
+_AIR, _FAT, _MUSCLE, _CORTEX, _MARROW, _MEDIAST, _MEDFAT, _HEART, _AORTA, _LUNG, _VESSEL, _AIRWAY, _AWALL, _LIVER, \
+    _ABDOMEN, _GAS, _FLUID, _TABLE, _DISC, _CANAL = range(20)
+TISSUE_HU = {_AIR: -1000, _FAT: -100, _MUSCLE: 40, _CORTEX: 700, _MARROW: 250, _MEDIAST: 40, _MEDFAT: -90,
+             _HEART: 40, _AORTA: 40, _LUNG: -850, _VESSEL: 40, _AIRWAY: -1000, _AWALL: 40, _LIVER: 55,
+             _ABDOMEN: 35, _GAS: -1000, _FLUID: 15, _TABLE: 200, _DISC: 90, _CANAL: 15}
+TEXTURE_HU = {_FAT: 10, _MUSCLE: 8, _MEDIAST: 8, _MEDFAT: 10, _LUNG: 25, _LIVER: 6, _ABDOMEN: 10, _MARROW: 30}
 CONTRAST_HU = 180                  # heart and aorta when contrast is used
-KINDS = ("solid", "part-solid", "ground-glass")
+_KINDS = ("solid", "part-solid", "ground-glass")
 
 TRUTH_DTYPE = np.dtype([
     ("k", np.int32),                # label in /nodule_mask (or /excluded_mask when excluded)
@@ -104,6 +105,16 @@ TRUTH_DTYPE = np.dtype([
 
 
 # ----------------------------------------------------------------------------- small helpers
+
+def settings(**overrides):
+    """This stage's settings: the constants above with ``overrides`` (any of them by name) -> Config. An
+    unknown name is refused (TypeError), so that a misspelt override is not silently ignored."""
+    defaults = configurator.constants(globals())
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise TypeError(f"synthetic_ct: unknown setting(s) {', '.join(unknown)}")
+    return configurator.Config(defaults).replace(**overrides)
+
 
 def _u(rng, lo_hi):
     return float(rng.uniform(*lo_hi))
@@ -190,9 +201,10 @@ def equivalent_diameter(n_voxels, spacing_zyx):
 
 # ----------------------------------------------------------------------------- anatomy parameters
 
-def anatomy_params(rng, fov_mm, z_lo, z_hi, center_xy):
+def anatomy_params(rng, fov_mm, z_lo, z_hi, center_xy, p_contrast):
     """Random body and organ sizes. In-plane lengths are normalised by the body half-axes a (lateral) and
-    b (antero-posterior); heights by the scan's z extent (t = 0 bottom slice, 1 top slice)."""
+    b (antero-posterior); heights by the scan's z extent (t = 0 bottom slice, 1 top slice). ``p_contrast``: the
+    chance that heart and aorta are contrast-enhanced."""
     a = _u(rng, (0.36, 0.43)) * fov_mm
     p = dict(a=a, b=a * _u(rng, (0.64, 0.74)), cx=center_xy[0], cy=center_xy[1], z0=z_lo,
              lz=max(z_hi - z_lo, 1.0), f_fat=_u(rng, (0.05, 0.11)), f_mus=_u(rng, (0.06, 0.09)),
@@ -200,7 +212,7 @@ def anatomy_params(rng, fov_mm, z_lo, z_hi, center_xy):
              rib_w=_u(rng, (0.38, 0.48)), rib_phase=_u(rng, (0, 1)), gap=_u(rng, (6, 20)),
              table_th=_u(rng, (4, 8)), table_curv=_u(rng, (0.0006, 0.0012)), w_med=_u(rng, (0.1, 0.14)),
              t_apex=_u(rng, (0.92, 0.97)), h_apex=_u(rng, (0.14, 0.22)), t_dome_r=_u(rng, (0.30, 0.36)),
-             t_car=_u(rng, (0.62, 0.68)), vert_period=_u(rng, (26, 32)), contrast=rng.random() < P_CONTRAST)
+             t_car=_u(rng, (0.62, 0.68)), vert_period=_u(rng, (26, 32)), contrast=rng.random() < p_contrast)
     p["r_c"] = 1.0 - p["f_fat"] - p["f_mus"] - p["rib_th"]
     p["t_dome_l"] = p["t_dome_r"] - _u(rng, (0.02, 0.045))
     p["d_th"] = 5.0 / p["lz"]                                             # diaphragm thickness in t
@@ -219,35 +231,35 @@ def _inplane_fields(p, wy, wx):
     un, vn = np.broadcast_arrays(U / a, V / b)
     un, vn = un.copy(), vn.copy()
     r = (np.abs(un) ** 2.2 + np.abs(vn) ** 2.2) ** (1 / 2.2)
-    lab = np.full(un.shape, AIR, np.uint8)
+    lab = np.full(un.shape, _AIR, np.uint8)
     # curved table below the back, across an air gap
     top = b + p["gap"] - p["table_curv"] * U ** 2
-    lab[(V >= top) & (V < top + p["table_th"]) & (np.abs(U) < 1.25 * a)] = TABLE
-    lab[r < 1] = FAT
-    lab[r < 1 - p["f_fat"]] = MUSCLE
+    lab[(V >= top) & (V < top + p["table_th"]) & (np.abs(U) < 1.25 * a)] = _TABLE
+    lab[r < 1] = _FAT
+    lab[r < 1 - p["f_fat"]] = _MUSCLE
     inner = r < p["r_c"]
-    lab[inner] = MEDIAST
+    lab[inner] = _MEDIAST
     # spine: vertebral body, canal, lamina and spinous process, paraspinal muscles
     vs = 0.55 * b
     rv = 0.1 * a
     paraspinal = inner & (np.abs(un) < 0.24) & (vn > 0.36)
-    lab[paraspinal] = MUSCLE
+    lab[paraspinal] = _MUSCLE
     d_body = np.hypot(U, V - vs)
     rcan = 0.045 * a
     vcan = vs + rv + rcan + 1.5
     d_can = np.hypot(U, V - vcan)
-    lab[(d_can < rcan + 4) | ((np.abs(U) < 3) & (V > vcan) & (vn < 1 - p["f_fat"] - 0.02))] = CORTEX
-    lab[d_can < rcan] = CANAL
+    lab[(d_can < rcan + 4) | ((np.abs(U) < 3) & (V > vcan) & (vn < 1 - p["f_fat"] - 0.02))] = _CORTEX
+    lab[d_can < rcan] = _CANAL
     vert = d_body < rv
-    lab[vert] = CORTEX
+    lab[vert] = _CORTEX
     marrow = d_body < rv - 1.5
-    lab[marrow] = MARROW
+    lab[marrow] = _MARROW
     # rib band: angle from the posterior midline (0) to the anterior one (1), depth inside the band
     band = (r >= p["r_c"]) & (r < p["r_c"] + p["rib_th"])
     phi = np.arctan2(np.abs(un), vn) / np.pi
     rr = (r - p["r_c"]) / p["rib_th"]
     r_mm = 0.5 * (a + b)
-    lab[inner & (r >= p["r_c"] - 0.018)] = MUSCLE                      # intercostal muscle and pleura
+    lab[inner & (r >= p["r_c"] - 0.018)] = _MUSCLE                      # intercostal muscle and pleura
     thor = (r < p["r_c"] - 0.018) & ~paraspinal & ~vert & (d_can >= rcan + 4)
     # diaphragm domes (t of the dome surface), right one higher; lower laterally and posteriorly
     dome = np.where(un < 0,
@@ -276,27 +288,27 @@ def _slice_labels(F, p, z, t):
     on = ph < w
     d_ph = np.minimum(ph, w - ph) * p["rib_period"] / drop * np.pi * F["rib_r"] * 0.5
     cort = np.minimum(F["rib_depth"], d_ph) < 1.3
-    flat[F["rib_idx"][on]] = np.where(cort[on], CORTEX, MARROW)
+    flat[F["rib_idx"][on]] = np.where(cort[on], _CORTEX, _MARROW)
     if 0.4 < t < p["t_apex"] + 0.02:                                   # sternum
-        flat[F["stern_idx"]] = np.where(F["stern_depth"] < 1.5, CORTEX, MARROW)
+        flat[F["stern_idx"]] = np.where(F["stern_depth"] < 1.5, _CORTEX, _MARROW)
     if np.mod(z / p["vert_period"], 1.0) < 0.2:                         # intervertebral disc
-        flat[F["marrow"]] = DISC
+        flat[F["marrow"]] = _DISC
     # inside the thoracic cage
     un, vn, dome = F["th_un"], F["th_vn"], F["th_dome"]
-    L = np.full(un.shape, MEDIAST, np.uint8)
+    L = np.full(un.shape, _MEDIAST, np.uint8)
     abd = t < dome - p["d_th"]
-    L[abd] = np.where(F["th_liver"][abd], LIVER, ABDOMEN)
+    L[abd] = np.where(F["th_liver"][abd], _LIVER, _ABDOMEN)
     su, sv, sa, sb, sc = p["stomach"]
     st = p["t_dome_l"] - p["d_th"] - sc
     if abs(t - st) < sc:
         q = abd & (((un - su) / sa) ** 2 + ((vn - sv) / sb) ** 2 < 1 - ((t - st) / sc) ** 2)
-        L[q] = np.where(vn[q] < sv + 0.25 * sb, GAS, FLUID)            # fluid level: gas anterior
+        L[q] = np.where(vn[q] < sv + 0.25 * sb, _GAS, _FLUID)            # fluid level: gas anterior
     above = t >= dome
     hu_, hv, ha, hb, ht, hh = p["heart"]
     heart = np.zeros(un.shape, bool)
     if abs(t - ht) < hh:
         heart = above & (((un - hu_) / ha) ** 2 + ((vn - hv) / hb) ** 2 < 1 - ((t - ht) / hh) ** 2)
-        L[heart] = HEART
+        L[heart] = _HEART
     # mediastinum half-width: narrow at the anterior junction and near the spine, wider around the
     # trachea, and widest at the level of the aortic arch
     w_med = (p["w_med"] + 0.06 * np.exp(-((t - p["t_car"] - 0.06) / 0.06) ** 2)) * \
@@ -306,8 +318,8 @@ def _slice_labels(F, p, z, t):
         cv = 0.05 + 0.2 * (1 - f)
         ell = (((np.abs(un) - 0.42) / 0.45) ** 2 + ((vn - cv) / 0.85) ** 2) < f * f
         lung = above & ~heart & ell & (np.abs(un) > w_med)
-        L[above & ~heart & ~lung & (vn < -0.25) & (np.abs(un) < w_med + 0.08)] = MEDFAT
-        L[lung] = LUNG
+        L[above & ~heart & ~lung & (vn < -0.25) & (np.abs(un) < w_med + 0.08)] = _MEDFAT
+        L[lung] = _LUNG
     flat[F["th_idx"]] = L
     return lab
 
@@ -390,7 +402,7 @@ def _vessel_tree(rng, p, lab, axes, max_segments=1500):
 
     def in_lung(pt):
         i = np.rint(_to_index(pt[None], axes)[0]).astype(int)
-        return bool(np.all(i >= 0) and np.all(i < shape) and lab[i[0], i[1], i[2]] in (LUNG, VESSEL))
+        return bool(np.all(i >= 0) and np.all(i < shape) and lab[i[0], i[1], i[2]] in (_LUNG, _VESSEL))
 
     segs, stack = [], []
     t_h = p["t_car"] - 0.07
@@ -427,7 +439,7 @@ def render_anatomy(rng, p, axes):
     """Label volume (Z, Y, X) uint8 of the phantom on the grid given by 1-D world axes (wz, wy, wx),
     and the vessel segments. Only the bounding box of body and table is computed slice by slice."""
     wz, wy, wx = axes
-    lab = np.full((len(wz), len(wy), len(wx)), AIR, np.uint8)
+    lab = np.full((len(wz), len(wy), len(wx)), _AIR, np.uint8)
     ys = _span(wy, p["cy"] - 1.05 * p["b"], p["cy"] + 1.05 * p["b"] + p["gap"] + p["table_th"] + 2)
     xs = _span(wx, p["cx"] - 1.3 * p["a"], p["cx"] + 1.3 * p["a"])
     F = _inplane_fields(p, wy[ys], wx[xs])
@@ -435,19 +447,19 @@ def render_anatomy(rng, p, axes):
     for k in range(len(wz)):
         lab[k, ys, xs] = _slice_labels(F, p, float(wz[k]), float(t[k]))
     z_lo, z_hi = float(wz.min()), float(wz.max())
-    _capsules(lab, _aorta_segments(p, z_lo), axes, AORTA, (MEDIAST, MEDFAT, LUNG, HEART))
+    _capsules(lab, _aorta_segments(p, z_lo), axes, _AORTA, (_MEDIAST, _MEDFAT, _LUNG, _HEART))
     aw = _airway_segments(p, z_hi)
     wall = [s.copy() for s in aw]
     for s in wall:
         s[6:] += 1.5
-    _capsules(lab, wall, axes, AWALL, (MEDIAST, MEDFAT, LUNG, HEART, MUSCLE))
-    _capsules(lab, aw, axes, AIRWAY, (AWALL,))
+    _capsules(lab, wall, axes, _AWALL, (_MEDIAST, _MEDFAT, _LUNG, _HEART, _MUSCLE))
+    _capsules(lab, aw, axes, _AIRWAY, (_AWALL,))
     return lab
 
 
 def paint_vessels(rng, p, lab, axes):
     segs = _vessel_tree(rng, p, lab, axes)
-    _capsules(lab, segs, axes, VESSEL, (LUNG,))
+    _capsules(lab, segs, axes, _VESSEL, (_LUNG,))
     return segs
 
 
@@ -525,7 +537,7 @@ class _Placer:
 
     def __init__(self, lab, rng):
         self.lab, self.rng = lab, rng
-        self.cavity = (lab == LUNG) | (lab == VESSEL)
+        self.cavity = (lab == _LUNG) | (lab == _VESSEL)
         self.taken = np.zeros(lab.shape, bool)
         nz = [np.flatnonzero(self.cavity.any(axis=ax)) for ax in ((1, 2), (0, 2), (0, 1))]
         self.box = [(n.min(), n.max()) if len(n) else (0, -1) for n in nz]
@@ -556,8 +568,8 @@ class _Placer:
     def flags(self, prep, sl):
         m, shell, far, half = prep
         outside = self.lab[sl][shell & ~self.cavity[sl]]
-        pleura = bool(np.any((outside != AIRWAY) & (outside != AWALL)))
-        vessel = bool(np.any(self.lab[sl][shell] == VESSEL))
+        pleura = bool(np.any((outside != _AIRWAY) & (outside != _AWALL)))
+        vessel = bool(np.any(self.lab[sl][shell] == _VESSEL))
         return pleura, vessel
 
     def place(self, m, mode, vessels, spacing_zyx, axes, tries=80):
@@ -686,17 +698,18 @@ def _paint(hu, sl, pad, w, vals, rng):
 
 # ----------------------------------------------------------------------------- image formation
 
-def _form_image(rng, lab, p, nodules, fov_mask, padding, style):
-    """Labels + nodules -> int16 HU volume: tissue HU, texture, lung density (``style["lung_hu"]``, denser
-    posteriorly), nodules blended in (``_paint``), partial-volume blur, the kernel's sharpening, correlated noise
-    of the style's SD and grain, clipping to [-1024, 3071], FOV padding. ``nodules``: (sl, pad, weight, hu).
+def _form_image(rng, lab, p, nodules, fov_mask, padding, style, contrast_hu):
+    """Labels + nodules -> int16 HU volume: tissue HU (heart and aorta at ``contrast_hu`` when the scan has
+    contrast), texture, lung density (``style["lung_hu"]``, denser posteriorly), nodules blended in (``_paint``),
+    partial-volume blur, the kernel's sharpening, correlated noise of the style's SD and grain, clipping to
+    [-1024, 3071], FOV padding. ``nodules``: (sl, pad, weight, hu).
     Works slice by slice where it can (cache-friendly); the blur runs on the box of non-air voxels."""
     lut = np.zeros(256, np.float32)
     for k, v in TISSUE_HU.items():
         lut[k] = v
-    lut[LUNG] = style["lung_hu"]
+    lut[_LUNG] = style["lung_hu"]
     if p["contrast"]:
-        lut[HEART] = lut[AORTA] = CONTRAST_HU
+        lut[_HEART] = lut[_AORTA] = contrast_hu
     amp = np.zeros(256, np.float32)
     for k, v in TEXTURE_HU.items():
         amp[k] = v
@@ -708,7 +721,7 @@ def _form_image(rng, lab, p, nodules, fov_mask, padding, style):
             lk = lab[k]
             h = lut[lk]
             h += amp[lk] * tex(k)
-            h += (lk == LUNG) * grad
+            h += (lk == _LUNG) * grad
             hu[k] = h
     for sl, pad, w, vals in nodules:
         _paint(hu, sl, pad, w, vals, rng)
@@ -751,13 +764,40 @@ def _fov_mask(ny, nx):
 def make_luna_scan(index, seed, cfg=None, image_size=None, n_slices=None, pixel_spacing=None,
                    slice_spacing=None, flipped=None, n_nodules=None):
     """Generate one LUNA16-format scan. Returns dict with hu, lung_mask, nodule_mask, excluded_mask, nodules
-    (TRUTH_DTYPE rows), origin/spacing/direction (ITK x, y, z order), seriesuid, padding, flipped."""
-    c = dict(configurator.constants(globals()), **(cfg or {}))
+    (TRUTH_DTYPE rows), origin/spacing/direction (ITK x, y, z order), seriesuid, padding, flipped. The steps
+    draw from the scan's random streams in a fixed order: the scan is a function of SEED and ``index``."""
+    c = settings(**(cfg or {}))
     rng = np.random.default_rng([seed, index])
     srng = np.random.default_rng([seed, index, 5])      # appearance: its own stream (see the constants)
     style = draw_style(srng, c)
     from pydicom.uid import generate_uid
     uid = generate_uid(prefix="1.3.6.1.4.1.14519.5.2.1.6279.6001.", entropy_srcs=["synthetic", str(seed), str(index)])
+    g = _luna_geometry(rng, index, c, image_size, n_slices, pixel_spacing, slice_spacing, flipped)
+    wz, wy, wx = g["axes"]
+    n = len(wx)
+    p = anatomy_params(rng, g["fov"], wz.min(), wz.max(), g["center"], c["P_CONTRAST"])
+    p.update(vessel_calibre=style["vessel_calibre"], vessel_depth=style["vessel_depth"])
+    padding = str(rng.choice(c["PADDINGS"]))
+    lab = render_anatomy(rng, p, g["axes"])
+    vessels = paint_vessels(rng, p, lab, g["axes"])
+    p["grad"] = _lung_gradient(p, wy, n)
+    if n_nodules is None:
+        empty = bool(c["EMPTY_EVERY"]) and index % c["EMPTY_EVERY"] == c["EMPTY_EVERY"] - 1
+        n_nodules = 0 if empty else int(rng.integers(1, c["MAX_NODULES"] + 1))
+    n_excl = int(rng.integers(0, c["MAX_EXCLUDED"] + 1))
+    nod = _luna_nodules(rng, srng, c, lab, vessels, n_nodules, n_excl, g)
+    hu = _form_image(rng, lab, p, nod["painted"], _fov_mask(n, n), padding, style, c["CONTRAST_HU"])
+    lung = ((lab == _LUNG) | (lab == _VESSEL)).astype(np.uint8)
+    return dict(hu=hu, lung_mask=lung, nodule_mask=nod["nodule_mask"], excluded_mask=nod["excluded_mask"],
+                nodules=np.array(nod["rows"] + nod["excl_rows"], TRUTH_DTYPE), origin=g["origin"],
+                spacing=g["spacing"], direction=g["direction"], seriesuid=uid, patient_id=uid, padding=padding,
+                flipped=g["flipped"], format="luna16", contrast=bool(p["contrast"]), style=style)
+
+
+def _luna_geometry(rng, index, c, image_size, n_slices, pixel_spacing, slice_spacing, flipped):
+    """The voxel grid of a LUNA16-format scan (the arguments of make_luna_scan override the draws) -> dict:
+    origin, spacing, direction (ITK x, y, z order), axes (world z, y, x of the voxels), fov (mm), the body's
+    centre (x, y), flipped."""
     n = image_size or c["IMAGE_SIZE"]
     sxy = pixel_spacing or _u(rng, c["PIXEL_SPACING_MM"])
     sz = slice_spacing or float(rng.choice(c["SLICE_SPACINGS_MM"]))
@@ -769,25 +809,21 @@ def make_luna_scan(index, seed, cfg=None, image_size=None, n_slices=None, pixel_
     fov = n * sxy
     origin = (dxy * (-fov / 2 + _u(rng, (-15, 15))), dxy * (-fov / 2 + _u(rng, (-15, 15))),
               _u(rng, (-380.0, -80.0)))
-    spacing = (sxy, sxy, sz)
     direction = (dxy, 0.0, 0.0, 0.0, dxy, 0.0, 0.0, 0.0, 1.0)
     wx = origin[0] + dxy * sxy * np.arange(n)
     wy = origin[1] + dxy * sxy * np.arange(n)
     wz = origin[2] + sz * np.arange(n_slices)
-    axes = (wz, wy, wx)
     center = (wx.mean() + _u(rng, (-0.03, 0.03)) * fov, wy.mean() - _u(rng, (0.0, 0.05)) * fov)
-    p = anatomy_params(rng, fov, wz.min(), wz.max(), center)
-    p.update(vessel_calibre=style["vessel_calibre"], vessel_depth=style["vessel_depth"])
-    padding = str(rng.choice(c["PADDINGS"]))
-    lab = render_anatomy(rng, p, axes)
-    vessels = paint_vessels(rng, p, lab, axes)
-    p["grad"] = _lung_gradient(p, wy, n)
-    spacing_zyx = np.array([sz, sxy, sxy])
-    # nodules
-    if n_nodules is None:
-        empty = bool(c["EMPTY_EVERY"]) and index % c["EMPTY_EVERY"] == c["EMPTY_EVERY"] - 1
-        n_nodules = 0 if empty else int(rng.integers(1, c["MAX_NODULES"] + 1))
-    n_excl = int(rng.integers(0, c["MAX_EXCLUDED"] + 1))
+    return dict(origin=origin, spacing=(sxy, sxy, sz), direction=direction, axes=(wz, wy, wx), fov=fov,
+                center=center, flipped=flipped, spacing_zyx=np.array([sz, sxy, sxy]))
+
+
+def _luna_nodules(rng, srng, c, lab, vessels, n_nodules, n_excl, g):
+    """``n_nodules`` nodules of real shapes and ``n_excl`` sub-3 mm findings placed in the lungs of ``lab`` (the
+    grid ``g`` of _luna_geometry) -> dict: nodule_mask, excluded_mask, rows, excl_rows (truth rows) and painted
+    (what _form_image blends in). A finding that fits nowhere, or whose size ends on the wrong side of 3 mm, is
+    left out."""
+    spacing_zyx, axes = g["spacing_zyx"], g["axes"]
     placer = _Placer(lab, rng)
     shapes = shape_library(c["SHAPE_LIBRARY_SCANS"]) if n_nodules else []
     rows, painted, excl_rows = [], [], []
@@ -799,24 +835,9 @@ def make_luna_scan(index, seed, cfg=None, image_size=None, n_slices=None, pixel_
         excluded = j >= n_nodules
         u = rng.random()
         mode = "pleura" if u < c["P_PLEURAL"] else ("vessel" if u < c["P_PLEURAL"] + c["P_VESSEL"] else "free")
-        kind = "solid" if excluded else KINDS[rng.choice(3, p=kw / kw.sum())]
+        kind = "solid" if excluded else _KINDS[rng.choice(3, p=kw / kw.sum())]
         d = _u(rng, c["EXCLUDED_DIAMETER_MM"]) if excluded else float(np.exp(rng.uniform(lo, hi)))
-        got = None
-        for attempt in range(4):
-            if excluded:
-                m = _ellipsoid(d, spacing_zyx)
-            else:
-                src, ssp = shapes[rng.integers(len(shapes))]
-                src = src[:, ::-1] if rng.random() < 0.5 else src
-                src = src[:, :, ::-1] if rng.random() < 0.5 else src
-                m = _resample_shape(src, ssp, spacing_zyx, d)
-            if m is None:
-                d *= 1.2
-                continue
-            got = placer.place(m, mode if attempt < 2 else "free", vessels, spacing_zyx, axes)
-            if got is not None:
-                break
-            d *= 0.8
+        got = _place_one(rng, placer, shapes, excluded, d, mode, vessels, spacing_zyx, axes)
         if got is None:
             continue
         sl, mm, pleura, vessel = got
@@ -829,15 +850,32 @@ def make_luna_scan(index, seed, cfg=None, image_size=None, n_slices=None, pixel_
         target, rows_ = (excluded_mask, excl_rows) if excluded else (nodule_mask, rows)
         k = len(rows_) + 1
         target[sl][mm] = k
-        rows_.append(_truth_row(k, sl, mm, dia, kind, pleura, vessel, excluded, -1, origin, spacing, direction,
-                                look))
-    fov_mask = _fov_mask(n, n)
-    hu = _form_image(rng, lab, p, painted, fov_mask, padding, style)
-    lung = ((lab == LUNG) | (lab == VESSEL)).astype(np.uint8)
-    return dict(hu=hu, lung_mask=lung, nodule_mask=nodule_mask, excluded_mask=excluded_mask,
-                nodules=np.array(rows + excl_rows, TRUTH_DTYPE), origin=origin, spacing=spacing,
-                direction=direction, seriesuid=uid, patient_id=uid, padding=padding, flipped=flipped,
-                format="luna16", contrast=bool(p["contrast"]), style=style)
+        rows_.append(_truth_row(k, sl, mm, dia, kind, pleura, vessel, excluded, -1, g["origin"], g["spacing"],
+                                g["direction"], look))
+    return dict(nodule_mask=nodule_mask, excluded_mask=excluded_mask, rows=rows, excl_rows=excl_rows,
+                painted=painted)
+
+
+def _place_one(rng, placer, shapes, excluded, d, mode, vessels, spacing_zyx, axes):
+    """One finding of diameter ``d`` (an ellipsoid when excluded, else a library shape, randomly mirrored) placed
+    by ``placer``: up to 4 tries, the size changed between them (x 1.2 when the shape vanished at this
+    resolution, x 0.8 when it did not fit), the last two anywhere in the lung -> placer.place's result or None."""
+    for attempt in range(4):
+        if excluded:
+            m = _ellipsoid(d, spacing_zyx)
+        else:
+            src, ssp = shapes[rng.integers(len(shapes))]
+            src = src[:, ::-1] if rng.random() < 0.5 else src
+            src = src[:, :, ::-1] if rng.random() < 0.5 else src
+            m = _resample_shape(src, ssp, spacing_zyx, d)
+        if m is None:
+            d *= 1.2
+            continue
+        got = placer.place(m, mode if attempt < 2 else "free", vessels, spacing_zyx, axes)
+        if got is not None:
+            return got
+        d *= 0.8
+    return None
 
 
 def _truth_row(k, sl, m, dia, kind, pleura, vessel, excluded, n_readers, origin, spacing, direction, look):
@@ -882,10 +920,9 @@ def lidc_candidates(seed, n, max_slices=None, min_readers=None):
 
 
 def make_lidc_scan(scan, clusters, j, seed, cfg=None):
-    """Render a phantom in the geometry of a real pylidc scan with its nodule clusters' consensus masks."""
-    import warnings
-    from pylidc.utils import consensus
-    c = dict(configurator.constants(globals()), **(cfg or {}))
+    """Render a phantom in the geometry of a real pylidc scan with its nodule clusters' consensus masks. The
+    steps draw from the scan's random streams in a fixed order: the scan is a function of SEED and ``j``."""
+    c = settings(**(cfg or {}))
     rng = np.random.default_rng([seed, 1_000_000 + j])
     srng = np.random.default_rng([seed, 1_000_000 + j, 5])
     style = draw_style(srng, c)
@@ -903,11 +940,31 @@ def make_lidc_scan(scan, clusters, j, seed, cfg=None):
     center = (wx.mean() + _u(rng, (-0.02, 0.02)) * fov, wy.mean() - _u(rng, (0.0, 0.04)) * fov)
     # a lung range covering the nodules: the scan covers bases to apices in LIDC
     ext = wz.max() - wz.min()
-    p = anatomy_params(rng, fov, wz.min() - 0.05 * ext, wz.max() + 0.03 * ext, center)
+    p = anatomy_params(rng, fov, wz.min() - 0.05 * ext, wz.max() + 0.03 * ext, center, c["P_CONTRAST"])
     p["a"] = max(p["a"], 0.41 * fov)
     p["b"] = max(p["b"], 0.72 * p["a"])
     p.update(vessel_calibre=style["vessel_calibre"], vessel_depth=style["vessel_depth"])
     lab = render_anatomy(rng, p, axes)
+    masks = _consensus_masks(clusters)
+    _make_room(lab, masks, spacing_zyx)
+    vessels = paint_vessels(rng, p, lab, axes)
+    p["grad"] = _lung_gradient(p, wy, n)
+    nodule_mask, rows, painted = _lidc_nodules(rng, srng, c, lab, masks, spacing_zyx, axes)
+    padding = str(rng.choice(("-2000", "air")))
+    hu = _form_image(rng, lab, p, painted, _fov_mask(n, n), padding, style, c["CONTRAST_HU"])
+    lung = ((lab == _LUNG) | (lab == _VESSEL) | (nodule_mask > 0)).astype(np.uint8)
+    return dict(hu=hu, lung_mask=lung, nodule_mask=nodule_mask, excluded_mask=np.zeros_like(nodule_mask),
+                nodules=np.array(rows, TRUTH_DTYPE), origin=origin, spacing=spacing, direction=direction,
+                seriesuid=scan.series_instance_uid, study_uid=scan.study_instance_uid, patient_id=scan.patient_id,
+                padding=padding, flipped=False, format="lidc", contrast=bool(p["contrast"]), style=style, zvals=wz,
+                pixel_spacing=ps, slice_thickness=float(scan.slice_thickness), ipp_xy=ipp_xy,
+                pixel_padding_tag=bool(rng.random() < 0.5))
+
+
+def _consensus_masks(clusters):
+    """The 50 % consensus mask of each pylidc cluster -> [(slices (z, y, x), mask (Z, Y, X), readers, texture)]."""
+    import warnings
+    from pylidc.utils import consensus
     masks = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -916,7 +973,12 @@ def make_lidc_scan(scan, clusters, j, seed, cfg=None):
             sl = (bb[2], bb[0], bb[1])                                  # (slice, row, col)
             tex = int(np.median([a.texture for a in anns]))
             masks.append((sl, np.transpose(m, (2, 0, 1)), len(anns), tex))
-    # make room: the lung takes in each nodule and a 4 mm rim (real nodules sit in real lungs)
+    return masks
+
+
+def _make_room(lab, masks, spacing_zyx):
+    """Make room in ``lab`` (in place): the lung takes in each nodule and a 4 mm rim (real nodules sit in real
+    lungs); airways and vessels stay."""
     for sl, m, _, _ in masks:
         pad = np.ceil(4.0 / spacing_zyx).astype(int) + 1
         big = tuple(slice(max(s.start - q, 0), min(s.stop + q, dim)) for s, q, dim in zip(sl, pad, lab.shape))
@@ -924,9 +986,14 @@ def make_lidc_scan(scan, clusters, j, seed, cfg=None):
         canvas[tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(sl, big))] = m
         near = ndi.distance_transform_edt(~canvas, sampling=spacing_zyx) <= 4.0
         sub = lab[big]
-        sub[near & (sub != AIRWAY) & (sub != AWALL) & (sub != VESSEL)] = LUNG
-    vessels = paint_vessels(rng, p, lab, axes)
-    p["grad"] = _lung_gradient(p, wy, n)
+        sub[near & (sub != _AIRWAY) & (sub != _AWALL) & (sub != _VESSEL)] = _LUNG
+
+
+def _lidc_nodules(rng, srng, c, lab, masks, spacing_zyx, axes):
+    """The clusters' consensus masks as the scan's nodules, each given a look by its readers' texture rating ->
+    (nodule_mask, truth rows, painted: what _form_image blends in)."""
+    wz, wy, wx = axes
+    n = len(wx)
     placer = _Placer(lab, rng)
     nodule_mask = np.zeros(lab.shape, np.uint8)
     rows, painted = [], []
@@ -952,26 +1019,23 @@ def make_lidc_scan(scan, clusters, j, seed, cfg=None):
                       np.interp(cen[0], np.arange(len(wz)), wz)])
         rows.append((k, cen[0], cen[1], cen[2], w[0], w[1], w[2], dia, kind, pleura, vessel, 0, nread, m.sum(),
                      look["hu"], look["margin_mm"], look["texture_hu"], look["spicules"]))
-    padding = str(rng.choice(("-2000", "air")))
-    hu = _form_image(rng, lab, p, painted, _fov_mask(n, n), padding, style)
-    lung = ((lab == LUNG) | (lab == VESSEL) | (nodule_mask > 0)).astype(np.uint8)
-    return dict(hu=hu, lung_mask=lung, nodule_mask=nodule_mask, excluded_mask=np.zeros_like(nodule_mask),
-                nodules=np.array(rows, TRUTH_DTYPE), origin=origin, spacing=spacing, direction=direction,
-                seriesuid=scan.series_instance_uid, study_uid=scan.study_instance_uid, patient_id=scan.patient_id,
-                padding=padding, flipped=False, format="lidc", contrast=bool(p["contrast"]), style=style, zvals=wz,
-                pixel_spacing=ps, slice_thickness=float(scan.slice_thickness), ipp_xy=ipp_xy,
-                pixel_padding_tag=bool(rng.random() < 0.5))
+    return nodule_mask, rows, painted
 
 
 def write_dicom_series(s, folder):
     """Write a LIDC-format result as CT Image Storage files (int16 stored = HU + 1024, intercept -1024;
-    padding -2000 stored where the scan uses it). InstanceNumber 1 = the highest slice, as in many LIDC series."""
+    padding -2000 stored where the scan uses it). InstanceNumber 1 = the highest slice, as in many LIDC series.
+    The slices are written into a temporary folder, renamed to ``folder`` when complete."""
+    with runfiles.atomic(folder) as tmp:
+        os.makedirs(tmp)
+        _write_dicom_slices(s, tmp)
+
+
+def _write_dicom_slices(s, tmp):
+    """The slices of ``write_dicom_series`` into the folder ``tmp``."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid, PYDICOM_IMPLEMENTATION_UID
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     hu = s["hu"].astype(np.int32)
     pad = hu < -1024                                                  # the FOV padding (-2000 in HU)
     stored = np.clip(hu + 1024, 0, 4095)
@@ -1015,9 +1079,6 @@ def write_dicom_series(s, folder):
             ds.PixelPaddingValue = -2000
         ds.PixelData = stored[k].tobytes()
         ds.save_as(os.path.join(tmp, f"1-{inst:03d}.dcm"), enforce_file_format=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    os.replace(tmp, folder)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -1033,17 +1094,16 @@ def write_mhd(s, folder):
     img.SetSpacing(tuple(float(v) for v in s["spacing"]))
     img.SetDirection(tuple(float(v) for v in s["direction"]))
     name = s["seriesuid"]
-    sitk.WriteImage(img, os.path.join(tmpdir, name + ".mhd"), useCompression=False)
-    os.replace(os.path.join(tmpdir, name + ".raw"), os.path.join(folder, name + ".raw"))
-    os.replace(os.path.join(tmpdir, name + ".mhd"), os.path.join(folder, name + ".mhd"))
+    sitk.WriteImage(img, os.path.join(tmpdir, name + ".mhd"), useCompression=False)   # the header names the .raw
+    runfiles.commit(os.path.join(tmpdir, name + ".raw"), os.path.join(folder, name + ".raw"))
+    runfiles.commit(os.path.join(tmpdir, name + ".mhd"), os.path.join(folder, name + ".mhd"))
     return os.path.join(folder, name + ".mhd")
 
 
 def write_truth(s, path, rel):
     import tables
-    tmp = path + ".tmp"
     filters = tables.Filters(complevel=5, complib="blosc:zstd", shuffle=True)
-    with tables.open_file(tmp, "w") as h5:
+    with runfiles.atomic(path) as tmp, tables.open_file(tmp, "w") as h5:
         for name in ("lung_mask", "nodule_mask", "excluded_mask"):
             arr = s[name].astype(np.uint8)
             h5.create_carray("/", name, obj=arr, filters=filters, chunkshape=(1,) + arr.shape[1:])
@@ -1055,11 +1115,10 @@ def write_truth(s, path, rel):
         a.format, a.seriesuid, a.patient_id, a.path = s["format"], s["seriesuid"], s["patient_id"], rel
         a.padding, a.flipped, a.contrast = s["padding"], int(s["flipped"]), int(s["contrast"])
         a.style = json.dumps(s["style"])              # the scan's appearance draws (draw_style)
-        a.tissue_hu = json.dumps({k: TISSUE_HU[v] for k, v in (("air", AIR), ("fat", FAT), ("muscle", MUSCLE),
-                                  ("bone_cortex", CORTEX), ("bone_marrow", MARROW), ("lung", LUNG),
-                                  ("vessel", VESSEL), ("liver", LIVER), ("stomach_gas", GAS),
-                                  ("table", TABLE))})
-    os.replace(tmp, path)
+        a.tissue_hu = json.dumps({k: TISSUE_HU[v] for k, v in (("air", _AIR), ("fat", _FAT), ("muscle", _MUSCLE),
+                                  ("bone_cortex", _CORTEX), ("bone_marrow", _MARROW), ("lung", _LUNG),
+                                  ("vessel", _VESSEL), ("liver", _LIVER), ("stomach_gas", _GAS),
+                                  ("table", _TABLE))})
 
 
 def read_truth(path):
@@ -1080,34 +1139,19 @@ def _annotation_row(uid, r):
 def generate_cohort(out_dir, **overrides):
     """Write a whole cohort under out_dir. `overrides`: any of the UPPERCASE constants (tests use small
     IMAGE_SIZE, N_SLICES ...). Returns (index rows, failures)."""
-    c = dict(configurator.constants(globals()), **overrides)
-    seed = c["SEED"]
-    if os.path.isfile(os.path.join(out_dir, "truth", "index.csv")):         # our own earlier output
-        for sub in ("luna16", "lidc", "truth"):
-            shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
-    luna_dir, truth_dir = os.path.join(out_dir, "luna16"), os.path.join(out_dir, "truth")
-    os.makedirs(luna_dir, exist_ok=True)
-    os.makedirs(truth_dir, exist_ok=True)
+    c = settings(**overrides)
+    luna_dir, truth_dir = _fresh_folders(out_dir)
     from tqdm import tqdm
     index, ann, excl, failures = [], [], [], []
     lidc = []
     if c["N_LIDC_SCANS"] > 0:
-        lidc = lidc_candidates(seed, c["N_LIDC_SCANS"], c["LIDC_MAX_SLICES"], c["LIDC_MIN_READERS"])
+        lidc = lidc_candidates(c["SEED"], c["N_LIDC_SCANS"], c["LIDC_MAX_SLICES"], c["LIDC_MIN_READERS"])
     jobs = [("luna16", i) for i in range(c["N_SCANS"])] + [("lidc", j) for j in range(len(lidc))]
     for fmt, i in tqdm(jobs, desc="synthetic scans", unit="scan"):
         try:
-            if fmt == "luna16":
-                s = make_luna_scan(i, seed, c)
-                sub = f"subset{i % max(c['N_SUBSETS'], 1)}"
-                write_mhd(s, os.path.join(luna_dir, sub))
-                rel = f"luna16/{sub}/{s['seriesuid']}.mhd"
-                for r in s["nodules"]:
-                    (excl if r["excluded"] else ann).append(_annotation_row(s["seriesuid"], r))
-            else:
-                scan, clusters = lidc[i]
-                s = make_lidc_scan(scan, clusters, i, seed, c)
-                rel = f"lidc/{s['patient_id']}/{s['study_uid']}/{s['seriesuid']}"
-                write_dicom_series(s, os.path.join(out_dir, rel))
+            s, rel = _write_images(fmt, i, c, lidc, out_dir)
+            for r in s["nodules"] if fmt == "luna16" else ():
+                (excl if r["excluded"] else ann).append(_annotation_row(s["seriesuid"], r))
             write_truth(s, os.path.join(truth_dir, s["seriesuid"] + ".h5"), rel)
             nod = s["nodules"]
             index.append([s["seriesuid"], s["patient_id"], fmt, rel, int(np.sum(nod["excluded"] == 0)),
@@ -1118,21 +1162,51 @@ def generate_cohort(out_dir, **overrides):
             print(f"synthetic_ct: {failures[-1]}", file=sys.stderr)
     header = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
     for name, rows in (("annotations.csv", ann), ("annotations_excluded.csv", excl)):
-        with open(os.path.join(luna_dir, name), "w", newline="") as f:
-            csv.writer(f).writerows([header] + rows)
+        _write_rows(os.path.join(luna_dir, name), [header] + rows)
     shutil.rmtree(os.path.join(luna_dir, ".tmp"), ignore_errors=True)
-    with open(os.path.join(truth_dir, "index.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([["seriesuid", "patient_id", "format", "path", "n_nodules", "flipped",
-                                  "n_excluded", "padding", "subset"]] + index)
+    _write_rows(os.path.join(truth_dir, "index.csv"), [["seriesuid", "patient_id", "format", "path", "n_nodules",
+                                                        "flipped", "n_excluded", "padding", "subset"]] + index)
     return index, failures
+
+
+def _fresh_folders(out_dir):
+    """The cohort's luna16/ and truth/ folders, emptied first when ``out_dir`` holds an earlier cohort."""
+    if os.path.isfile(os.path.join(out_dir, "truth", "index.csv")):         # our own earlier output
+        for sub in ("luna16", "lidc", "truth"):
+            shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
+    luna_dir, truth_dir = os.path.join(out_dir, "luna16"), os.path.join(out_dir, "truth")
+    os.makedirs(luna_dir, exist_ok=True)
+    os.makedirs(truth_dir, exist_ok=True)
+    return luna_dir, truth_dir
+
+
+def _write_images(fmt, i, c, lidc, out_dir):
+    """Scan ``i`` of format ``fmt`` made and written (.mhd/.raw in its subset folder, or a DICOM series) ->
+    (the scan's dict, its path relative to ``out_dir``)."""
+    if fmt == "luna16":
+        s = make_luna_scan(i, c["SEED"], c)
+        sub = f"subset{i % max(c['N_SUBSETS'], 1)}"
+        write_mhd(s, os.path.join(out_dir, "luna16", sub))
+        return s, f"luna16/{sub}/{s['seriesuid']}.mhd"
+    scan, clusters = lidc[i]
+    s = make_lidc_scan(scan, clusters, i, c["SEED"], c)
+    rel = f"lidc/{s['patient_id']}/{s['study_uid']}/{s['seriesuid']}"
+    write_dicom_series(s, os.path.join(out_dir, rel))
+    return s, rel
+
+
+def _write_rows(path, rows):
+    """CSV rows (lists) at ``path``, atomically."""
+    with runfiles.atomic(path) as tmp, open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
 
 
 def main(argv=None):
     cfg = configurator.configure(globals(), argv)
-    out_dir = OUT_DIR or os.path.join(WORK_DIR, "0_synthetic")
+    out_dir = cfg.OUT_DIR or os.path.join(cfg.WORK_DIR, "0_synthetic")
     configurator.save_config(cfg, out_dir)
     t0 = time.time()
-    index, failures = generate_cohort(out_dir)
+    index, failures = generate_cohort(out_dir, **cfg)
     n = len(index)
     print(f"synthetic_ct: {n} scans ({sum(r[2] == 'lidc' for r in index)} LIDC) written to {out_dir} "
           f"in {time.time() - t0:.1f} s, {sum(r[4] for r in index)} nodules; {len(failures)} failed")

@@ -3,9 +3,9 @@
 For each scan of a synthetic cohort (written here with synthetic_ct.py unless DATA_DIR holds one), each
 variant runs in a fresh worker process (so its peak resident memory is its own):
 - "reference": the thesis's lung mask written literally, slice by slice (scikit-learn K-means,
-  scikit-image morphology and regionprops): preprocess.lung_mask_thesis_reference;
-- "thesis": the same algorithm over the whole volume at once (preprocess.lung_mask_thesis);
-- "refined": the default mask (preprocess.lung_mask_refined).
+  scikit-image morphology and regionprops): lung_mask.lung_mask_thesis_reference;
+- "thesis": the same algorithm over the whole volume at once (lung_mask.lung_mask_thesis);
+- "refined": the default mask (lung_mask.lung_mask_refined).
 Reports seconds per scan (one core), peak RSS per worker, the thesis variant's agreement with the reference
 (Dice), and both variants' Dice against the true lungs and nodule coverage (share of each true nodule's
 voxels inside the mask) with the wand labels' Dice. Writes benchmarks/results/bench_preprocess.json.
@@ -37,7 +37,7 @@ def score_scan(stage1, truth, lung_mask=None):
     """Quality of a stage-1 result against the exact truth (dicts from ct_io.read_scan_h5 and
     synthetic_ct.read_truth). Returns the lung Dice, and per non-excluded truth nodule: coverage by the lung
     mask, Dice of the stage-1 label with the same index, whether its centre voxel is labelled."""
-    from postprocess import dice, dice_counts
+    from metrics import dice, dice_counts
     lm = (stage1["lung_mask"] if lung_mask is None else lung_mask) > 0
     truth_lungs = truth["lung_mask"] > 0
     out = {"lung_dice": dice(*dice_counts(lm, truth_lungs)), "nodules": []}
@@ -65,22 +65,22 @@ def peak_mb():
 
 def _run_variant(args):
     import ct_io
-    import preprocess
+    import lung_mask
     path, variant, n_ref = args
     scan = ct_io.read_mhd(path)
     t0 = time.process_time()
     if variant == "reference":
-        flips = preprocess._canonical_flips(scan.direction)
+        flips = lung_mask.canonical_flips(scan.direction)
         hu = np.flip(scan.hu, flips) if flips else scan.hu
         zs = range(hu.shape[0]) if not n_ref else np.linspace(0, hu.shape[0] - 1, n_ref).astype(int)
         mask = np.zeros(hu.shape, np.uint8)
         for z in zs:
-            mask[z] = preprocess.lung_mask_thesis_reference(hu[z])
+            mask[z] = lung_mask.lung_mask_thesis_reference(hu[z])
         mask = np.flip(mask, flips) if flips else mask
         secs = (time.process_time() - t0) * hu.shape[0] / len(zs)
         zs = list(zs)
     else:
-        mask = preprocess.lung_mask(scan.hu, scan.spacing, scan.direction, variant)
+        mask = lung_mask.lung_mask(scan.hu, scan.spacing, scan.direction, variant)
         secs = time.process_time() - t0
         zs = list(range(mask.shape[0]))
     peak = peak_mb()
@@ -93,18 +93,18 @@ def main(argv=None):
     import ct_io
     import preprocess
     import synthetic_ct
-    from postprocess import dice, dice_counts
-    os.makedirs(OUT_DIR, exist_ok=True)
-    data = DATA_DIR
+    from metrics import dice, dice_counts
+    os.makedirs(cfg.OUT_DIR, exist_ok=True)
+    data = cfg.DATA_DIR
     if not data:
-        data = os.path.join(OUT_DIR, "bench_cohort")
-        if len(glob.glob(os.path.join(data, "luna16", "subset*", "*.mhd"))) < N_SCANS:
-            synthetic_ct.generate_cohort(data, N_SCANS=N_SCANS, N_LIDC_SCANS=0, SEED=SEED)
-    paths = sorted(glob.glob(os.path.join(data, "luna16", "subset*", "*.mhd")))[:N_SCANS]
-    work = os.path.join(OUT_DIR, "bench_work")
+        data = os.path.join(cfg.OUT_DIR, "bench_cohort")
+        if len(glob.glob(os.path.join(data, "luna16", "subset*", "*.mhd"))) < cfg.N_SCANS:
+            synthetic_ct.generate_cohort(data, N_SCANS=cfg.N_SCANS, N_LIDC_SCANS=0, SEED=cfg.SEED)
+    paths = sorted(glob.glob(os.path.join(data, "luna16", "subset*", "*.mhd")))[:cfg.N_SCANS]
+    work = os.path.join(cfg.OUT_DIR, "bench_work")
     t0 = time.time()
     preprocess.main([f"--DATASET=luna16", f"--INPUT_DIR={os.path.join(data, 'luna16')}", f"--WORK_DIR={work}",
-                     "--N_WORKERS=1", f"--LIMIT={N_SCANS}", "--OVERWRITE=1"])
+                     "--N_WORKERS=1", f"--LIMIT={cfg.N_SCANS}", "--OVERWRITE=1"])
     stage1_s = (time.time() - t0) / len(paths)
     rows, per_scan = {v: [] for v in ("reference", "thesis", "refined")}, []
     ctx = get_context("spawn")
@@ -113,7 +113,7 @@ def main(argv=None):
         masks = {}
         for variant in rows:
             with ctx.Pool(1) as pool:         # a fresh process per variant: its own peak memory
-                info, packed = pool.map(_run_variant, [(path, variant, REFERENCE_SLICES)])[0]
+                info, packed = pool.map(_run_variant, [(path, variant, cfg.REFERENCE_SLICES)])[0]
             shape = info["shape"]
             masks[variant] = np.unpackbits(packed)[:np.prod(shape)].reshape(shape).astype(bool)
             rows[variant].append(info)
@@ -147,7 +147,7 @@ def main(argv=None):
     big = [n["label_dice"] for n in nods if n["diameter_mm"] >= 5]
     summary["wand_dice_mean_ge5mm"] = float(np.mean(big)) if big else None
     summary["wand_center_labelled"] = float(np.mean([n["center_labelled"] for n in nods])) if nods else None
-    with open(os.path.join(OUT_DIR, "bench_preprocess.json"), "w") as f:
+    with open(os.path.join(cfg.OUT_DIR, "bench_preprocess.json"), "w") as f:
         json.dump({"summary": summary, "scans": per_scan, "config": cfg}, f, indent=2)
     print(json.dumps(summary, indent=2))
     return 0

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 import ct_io
-import preprocess
+import lung_mask
 
 FLIP = (-1, 0, 0, 0, -1, 0, 0, 0, 1)
 IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)
@@ -87,7 +87,7 @@ def test_real_dicom_slice_hu_and_both_lungs(ct_small_dir):
     assert -1024 <= hu.min() < -800           # lung air
     assert 900 < hu.max() <= 3071              # bone
     assert -100 < np.median(hu) < 200           # soft tissue dominates this crop
-    mask = preprocess.lung_mask(scan.hu, scan.spacing, scan.direction)[0].astype(bool)
+    mask = lung_mask.lung_mask(scan.hu, scan.spacing, scan.direction)[0].astype(bool)
     from skimage import measure
     regions = measure.regionprops(measure.label(mask))
     assert len(regions) == 2                     # left and right lung
@@ -122,8 +122,8 @@ def test_thesis_mask_vectorised_equals_per_slice_reference(ct_small_dir):
     body = np.full((512, 512), -1000, np.float32)
     body[60:452, 60:452] = cv2.resize(big, (392, 392))    # a body inside outside air, so regions survive the rules
     vol = np.stack([body, np.roll(body, 7, axis=1), np.fliplr(body)]).astype(np.int16)
-    fast = preprocess.lung_mask_thesis(vol)
-    ref = np.stack([preprocess.lung_mask_thesis_reference(s) for s in vol])
+    fast = lung_mask.lung_mask_thesis(vol)
+    ref = np.stack([lung_mask.lung_mask_thesis_reference(s) for s in vol])
     assert ref.sum() > 1000
     dice = 2 * np.sum(fast & ref) / (fast.sum() + ref.sum())
     assert dice >= 0.99      # scikit-learn's Lloyd iterations stop a hair off the exact 2-means split

@@ -21,6 +21,7 @@ import pytest
 
 import ct_io
 import preprocess
+import scans
 import synthetic_ct
 
 CFG = dict(SHAPE_LIBRARY_SCANS=3, NODULE_DIAMETER_MM=(14.0, 18.0), Z_EXTENT_MM=(120.0, 120.0), MAX_EXCLUDED=0,
@@ -102,17 +103,17 @@ def _flip(name, arr):
 
 
 def test_each_format_reads_the_same_volume_and_geometry(phantom, folder):
-    """ct_io through preprocess.read_own_scan: the same HU, and each voxel at the same world point (the RAS NIfTI:
+    """ct_io through scans.read_own_scan: the same HU, and each voxel at the same world point (the RAS NIfTI:
     direction diag(-1, -1, 1) from SimpleITK, its array reversed in y and x)."""
     d, uid = folder
-    paths = preprocess.find_own_scans(d)
-    tasks = preprocess.scans_tasks(paths)
-    assert sorted(preprocess.scan_id(p, u) for p, u in tasks) == sorted([uid, *NAMES[1:]])
+    paths = scans.find_own_scans(d)
+    tasks = scans.scans_tasks(paths)
+    assert sorted(scans.scan_id(p, u) for p, u in tasks) == sorted([uid, *NAMES[1:]])
     want = ct_io.read_image(str(os.path.join(d, "phantom_nii.nii.gz")))
     nod = phantom["nodules"][0]
     nod_world = np.array([nod["world_x"], nod["world_y"], nod["world_z"]])
     for path, series in tasks:
-        scan = preprocess.read_own_scan(path, series)
+        scan = scans.read_own_scan(path, series)
         name = NAMES[0] if series else scan.seriesuid
         assert scan.source == "scans"
         assert scan.patient_id == ("PATIENT-7" if series else name)
@@ -222,7 +223,7 @@ def test_stage5_without_annotations_lists_the_same_candidates_no_metrics(stage1,
     work, uid = stage1
     model = _stand_in_model(str(tmp_path))
     assert postprocess.main([f"--WORK_DIR={work}", "--SCANS=all", f"--MODEL={model}", "--N_PICTURES=3"]) == 0
-    report = os.path.join(work, "6_report")
+    report = os.path.join(work, "5_report")
     with open(os.path.join(report, "metrics.json")) as f:
         m = json.load(f)
     assert m["annotations"] == "none" and m["n_scans"] == 4 and m["n_nodules"] is None

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 import ct_io
+import lung_mask
 import preprocess
 import synthetic_ct
 from benchmarks.bench_preprocess import score_scan
-from postprocess import dice, dice_counts
+from metrics import dice, dice_counts
 
 
 def _pairs(work, data):
@@ -41,7 +42,7 @@ def test_thesis_lung_mask_is_inflated(cohort):
     refined, thesis = [], []
     for s, t in list(_pairs(cohort["luna"], cohort["data"]))[:3]:
         a = s["attrs"]
-        m = preprocess.lung_mask(s["hu"], a["spacing"], a["direction"], "thesis")
+        m = lung_mask.lung_mask(s["hu"], a["spacing"], a["direction"], "thesis")
         thesis.append(score_scan(s, t, m)["lung_dice"])
         refined.append(score_scan(s, t)["lung_dice"])
         assert m.sum() > s["lung_mask"].sum()          # inflated, not shrunk
@@ -184,7 +185,7 @@ def test_refined_mask_fills_a_large_wall_nodule_dent_but_not_the_mediastinum():
     sliver = (np.abs(yy - 60) <= 1) & (xx >= 175) & (xx <= 200)               # a 3 px crease at the top
     lungs = (right | left) & ~heart & ~nodule & ~sliver
     mask = np.repeat(lungs[None], 5, axis=0)
-    filled = preprocess._fill_small_dents(mask, preprocess.MAX_DENT_MM2, preprocess.MIN_DENT_LUNG_MM2)
+    filled = lung_mask.fill_small_dents(mask, preprocess.MAX_DENT_MM2, preprocess.MIN_DENT_LUNG_MM2)
     inside_nodule = nodule & right                                             # the nodule's part in the lung
     assert filled[2][inside_nodule].mean() > 0.97                              # the wall nodule is back in
     assert not filled[2][heart & ~(right | left)].any()                       # mediastinum stays out
