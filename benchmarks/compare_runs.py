@@ -1,24 +1,33 @@
 """Compare the results of several trained runs in one markdown table (the demo vs its U-Net baseline, vs
-CONTEXT_SLICES=1, vs the long preset, ...).
+CONTEXT_SLICES=1, vs the long preset, ...), or print one run's answer (--SUMMARY).
 
 Each run is a NAME=REPORT_DIR pair: REPORT_DIR is a postprocess.py report folder (metrics.json); the model
 that produced it (metrics.json's "model") gives its training record (config.json, state.json, history.csv
 beside the model). Nothing is recomputed: the figures are the ones the stages wrote.
 
-    python benchmarks/compare_runs.py "--RUNS=('figure3=work/demo/6_report','unet=work/demo/6_report_unet')"
+--SUMMARY=<run folder> prints what `make demo` ends with: the final candidates file (6_fp_reduction/candidates.csv),
+CPM and the sensitivity at SUMMARY_AT false positives per scan by nodule size, before and after stage 6 (read from
+6_fp_reduction/metrics.json; stage 5's 5_report/metrics.json alone when stage 6 has not run), the operating point
+and the report folder.
+
+Run
+    python benchmarks/compare_runs.py "--RUNS=('figure3=work/demo/5_report','unet=work/demo/5_report_unet')"
     python benchmarks/compare_runs.py ... --OUT=benchmarks/results/compare.md
+    python benchmarks/compare_runs.py --SUMMARY=work/demo
 """
 import csv
 import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
 
-RUNS = ("demo=work/demo/6_report",)   # NAME=REPORT_DIR pairs, in table order
+RUNS = ("demo=work/demo/5_report",)   # NAME=REPORT_DIR pairs, in table order
 OUT = ""                               # also write the table to this file ("" = print only)
 FROC_AT = (1.0, 2.0, 4.0, 8.0)         # FP/scan rates of the by-size FROC table
+SUMMARY = ""                           # a run folder: print its answer (stage 5 and stage 6) instead of a table
+SUMMARY_AT = (1.0, 4.0)                # FP/scan rates the summary reads the sensitivity at
 
 
 def _pct(v):
@@ -101,22 +110,86 @@ def froc_table(rows, rates=None):
     return "\n".join(lines) + "\n"
 
 
+def _at(m, size, rate):
+    """Sensitivity of metrics ``m`` (a froc_summary block) at ``rate`` FP/scan for a size bin (or "all")."""
+    froc = m["froc"]
+    sens = froc["sensitivities"] if size == "all" else froc["by_size"].get(size)
+    if not sens or rate not in froc["fp_rates"]:
+        return None
+    return sens[froc["fp_rates"].index(rate)]
+
+
+def _cpm(m, size):
+    return m["cpm"]["value"] if size == "all" else m["cpm"]["by_size"].get(size)
+
+
+def summary(run, rates=SUMMARY_AT):
+    """The answer of the run in folder ``run`` as text: the final candidates file, CPM and sensitivity at ``rates``
+    FP/scan by nodule size before and after stage 6, the operating point, the report folder."""
+    fp_path = os.path.join(run, "6_fp_reduction", "metrics.json")
+    report = os.path.join(run, "5_report")
+    if os.path.isfile(fp_path):
+        m = json.load(open(fp_path))
+        blocks = [("stage 5", m["before"]), ("after stage 6", m["after"])]
+        final = os.path.join(run, "6_fp_reduction", "candidates.csv")
+    elif os.path.isfile(os.path.join(report, "metrics.json")):
+        m = json.load(open(os.path.join(report, "metrics.json")))
+        blocks = [("stage 5", m)]
+        final = os.path.join(report, "candidates.csv")
+    else:
+        raise SystemExit(f"{run}: no 6_fp_reduction/metrics.json and no 5_report/metrics.json (run the stages first)")
+    last = blocks[-1][1]
+    if last is None or "froc" not in last:
+        raise SystemExit(f"{run}: no FROC in its metrics (scans without annotations?)")
+    sizes = list(last["candidate_recall"]["by_size"]) + ["all"]
+    count = lambda b: (last["candidate_recall"]["by_size"][b]["total"] if b != "all"
+                       else last["candidate_recall"]["total"])
+    cpm = lambda blk, b: "-" if blk is None or _cpm(blk, b) is None else f"{_cpm(blk, b):.3f}"
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"
+    head = ["size (mm)", "nodules"]
+    for name, _ in blocks:
+        head += [f"CPM {name}"] + [f"@{r:g} FP/scan" for r in rates]
+    rows = [head]
+    for b in sizes:
+        row = [b, str(count(b))]
+        for _, blk in blocks:
+            row += [cpm(blk, b)] + [pct(_at(blk, b, r) if blk else None) for r in rates]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [f"The pipeline's answer ({run}):",
+             f"  final candidates: {final}",
+             f"  report:           {report}  (metrics.json, nodules.csv, candidates.csv, froc.png, pictures/)",
+             f"  {m.get('n_scans')} scans, {m.get('n_nodules')} nodules; CPM (LUNA16's FROC) and sensitivity at "
+             + ", ".join(f"{r:g}" for r in rates) + " FP/scan by nodule diameter:"]
+    lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    op = last.get("operating_point")
+    if op:
+        lines.append(f"  operating point ({blocks[-1][0]}, score > {op['threshold']:g}): sensitivity "
+                     f"{pct(op['sensitivity']['value'])} at {op['fp_per_scan']:.2f} FP/scan")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     import configurator
-    configurator.configure(globals(), argv)
+    cfg = configurator.configure(globals(), argv)
+    if cfg.SUMMARY:
+        print(summary(cfg.SUMMARY, tuple(cfg.SUMMARY_AT)))
+        return 0
     rows = []
-    for pair in RUNS:
+    for pair in cfg.RUNS:
         name, _, folder = pair.partition("=")
         if not folder:
             raise SystemExit(f"--RUNS: expected NAME=REPORT_DIR, got {pair!r}")
         if not os.path.isfile(os.path.join(folder, "metrics.json")):
             raise SystemExit(f"{name}: no metrics.json in {folder} (run postprocess.py first)")
         rows.append(run_row(name, folder))
-    md = table(rows) + "\n" + froc_table(rows)
+    md = table(rows) + "\n" + froc_table(rows, tuple(cfg.FROC_AT))
     print(md)
-    if OUT:
-        os.makedirs(os.path.dirname(os.path.abspath(OUT)), exist_ok=True)
-        open(OUT, "w").write(md)
+    if cfg.OUT:
+        import runfiles
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.OUT)), exist_ok=True)
+        with runfiles.atomic(cfg.OUT) as tmp:
+            open(tmp, "w").write(md)
     return 0
 
 

@@ -4,6 +4,7 @@ Runs bench_preprocess.py, bench_data.py, bench_model.py, bench_inference.py and 
 benchmarks/results/), then collects the figures, each with its reference measured in the same run where one
 exists, into benchmarks/results/bench_table.md and bench_table.json.
 
+Run
     python benchmarks/run_all.py [--SKIP=('model',)]     # SKIP: benchmarks not rerun (their last JSON is used)
 """
 import json
@@ -13,16 +14,16 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+_RESULTS = os.path.join(_ROOT, "benchmarks", "results")
 
 SKIP = ()                      # names among preprocess, data, model, inference, allocator not to rerun
 MODEL_ARGS = ("--MODES=('graph','eager')",)   # bench_model.py arguments (the full mode comparison takes ~25 min)
 
 
 def _load(name):
-    path = os.path.join(RESULTS, f"bench_{name}.json")
+    path = os.path.join(_RESULTS, f"bench_{name}.json")
     return json.load(open(path)) if os.path.isfile(path) else None
 
 
@@ -68,19 +69,31 @@ def table(pre, data, model, inf):
     return rows
 
 
+def _commit():
+    """The checked-out commit (short hash, "+changes" when the tree differs from it), or "unknown"."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + ("+changes" if dirty else "")) or "unknown"
+
+
 def main(argv=None):
     import configurator
     cfg = configurator.configure(globals(), argv)
-    os.makedirs(RESULTS, exist_ok=True)
-    runs = {"preprocess": [], "data": ["--MODEL_STEP=True"], "model": list(MODEL_ARGS), "inference": [],
+    os.makedirs(_RESULTS, exist_ok=True)
+    runs = {"preprocess": [], "data": ["--MODEL_STEP=True"], "model": list(cfg.MODEL_ARGS), "inference": [],
             "allocator": []}
     times = {}
     for name, args in runs.items():
-        if name in SKIP:
+        if name in cfg.SKIP:
             continue
         t0 = time.time()
         print(f"== bench_{name}.py {' '.join(args)}", flush=True)
-        subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"bench_{name}.py"), *args], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, os.path.join(_ROOT, "benchmarks", f"bench_{name}.py"), *args], cwd=_ROOT, check=True)
         times[name] = time.time() - t0
     rows = table(_load("preprocess"), _load("data"), _load("model"), _load("inference"))
     alloc = (_load("allocator") or {}).get("results", {})
@@ -92,13 +105,17 @@ def main(argv=None):
 
     def fmt(v):
         return "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+    import runfiles
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    lines = [f"Measured on: {machine}", "", "| figure | value | reference | reference value | ratio |", "|---|---|---|---|---|"]
+    when = f"{time.strftime('%Y-%m-%d')}, commit {_commit()}"
+    lines = [f"Measured on: {machine}; {when}", "", "| figure | value | reference | reference value | ratio |",
+             "|---|---|---|---|---|"]
     lines += [f"| {a} | {fmt(b)} | {c} | {fmt(d)} | {fmt(e)} |" for a, b, c, d, e in rows]
     md = "\n".join(lines) + "\n"
-    open(os.path.join(RESULTS, "bench_table.md"), "w").write(md)
-    json.dump({"machine": machine, "rows": rows, "bench_seconds": times, "config": cfg},
-              open(os.path.join(RESULTS, "bench_table.json"), "w"), indent=2, default=str)
+    with runfiles.atomic(os.path.join(_RESULTS, "bench_table.md")) as tmp:
+        open(tmp, "w").write(md)
+    runfiles.write_json(os.path.join(_RESULTS, "bench_table.json"),
+                        {"machine": machine, "measured": when, "rows": rows, "bench_seconds": times, "config": cfg})
     print(md)
     return 0
 

@@ -87,6 +87,7 @@ def test_notebook_runs_on_the_pipeline_run(pipeline_run, tmp_path):
 
     setup = text_of(tagged(nb, "setup"))
     assert f"WORK_DIR = {work}" in setup
+    assert re.search(r"5_report +present", setup), setup       # stage 5's report folder (stage N writes N_...)
 
     # 1: the stage-1 file: datasets, geometry, nodule table, and the slice figure with its contours
     s1 = text_of(tagged(nb, "stage1-read"))
@@ -141,6 +142,9 @@ def test_committed_notebook_is_executed_and_small():
     assert all(c.get("execution_count") for c in code), "the committed notebook is not executed"
     assert sum(n_images(c) for c in code) >= 5
     assert os.path.getsize(NOTEBOOK) < 1.5e6
+    text = open(NOTEBOOK, encoding="utf-8").read()
+    assert "6_report" not in text and "7_fp_reduction" not in text      # the folders follow the stage numbers
+    assert "6_fp_reduction/" in text and "5_report/" in text
 
 
 if __name__ == "__main__":
