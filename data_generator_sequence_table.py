@@ -11,7 +11,7 @@ Writes nothing. Used by nasnet_v2_train.py:
     model.fit(train, validation_data=val, epochs=..., shuffle=False)   # the dataset shuffles itself (seeded);
                                                   # fit's shuffle=True would reorder batches with an unseeded RNG
 
-    python data_generator_sequence_table.py --WORK_DIR=work    # prints the batches' shapes and speed
+benchmarks/bench_generator.py reads a run's table with it and prints the batches' shapes and speed.
 
 Each batch: x float32 (B, H, W, C) (C = the table's CONTEXT_SLICES), y float32 (B, H, W, 2) one-hot
 (background, nodule). Augmentation (the thesis's, label bug fixed): flips of each axis with p = 0.5, rotation
@@ -20,9 +20,10 @@ uniform in +-ROT_DEG degrees, optional zoom; one affine matrix per sample moves 
 ("threshold"), or bilinear then truncated to int ("truncate": the thesis's bug, which shrinks nodules at every
 non-zero angle; for reproduction only). Optional random crops (``crop`` px) holding a nodule with
 probability ``crop_nodule_p``, the rest placed uniformly (negatives). Intensity augmentation (``intensity``:
-{name: (p, low, high)} as the AUG_* constants, or None = off) on top: blur, sharpening, noise, contrast, brightness, gamma, each
-with a probability, worked in HU through the table's per-row slice mean and SD; the lung mask (the zeros of
-the input) and the label are left as they are.
+{name: (p, low, high)}, e.g. ``intensity_settings()``, whose arguments' defaults are the ranges used; or None =
+off) on top: blur, sharpening, noise, contrast, brightness, gamma, each with a probability, worked in HU
+through the table's per-row slice mean and SD; the lung mask (the zeros of the input) and the label are left
+as they are.
 
 Determinism: the epoch's order is a permutation drawn from (seed, epoch) and each batch's augmentation from
 (seed, epoch, batch index), so the same seed gives the same batches whichever worker computes them and in
@@ -34,9 +35,7 @@ without multiprocessing) read under a lock. ``workers=2, use_multiprocessing=Tru
 arguments) computes batches in two processes.
 """
 import os
-import sys
 import threading
-import time
 
 import numpy as np
 
@@ -46,29 +45,22 @@ try:
 except ImportError:                                    # the table tools work without keras
     _PyDataset = object
 
-# ----------------------------------------------------------------------------- constants (command-line demo)
-WORK_DIR = "work"              # root of a run
-TABLE = ""                     # the slice table; "" = WORK_DIR/2_table/slices.h5
-INDEX = ""                     # row index .npy; "" = WORK_DIR/3_split/train_idx.npy
-BATCH_SIZE = 12                # thesis: 12
-ROT_DEG = 6.0                  # rotation uniform in +-ROT_DEG degrees (thesis: 6)
-ZOOM = 0.0                     # zoom uniform in [1 - ZOOM, 1 + ZOOM] (thesis: none)
-LABEL_INTERP = "nearest"       # "nearest", "threshold" (bilinear >= 0.5) or "truncate" (thesis bug)
-TRAIN_CROP = 0                 # random crop side (px); 0 = whole slice
-CROP_NODULE_P = 0.8            # share of crops placed on a nodule (when the slice has one)
-INTENSITY = True               # intensity augmentation with nasnet_v2_train.py's AUG_* ranges (False: geometry only)
-SEED = 85                      # shuffle and augmentation seed
-N_BATCHES = 20                 # batches read by the demo
-
-# intensity augmentation: the ranges are nasnet_v2_train.py's AUG_* constants, (probability, low, high) each
+# ----------------------------------------------------------------------------- intensity augmentation
 PIVOT_HU = -850.0                    # contrast pivot: lung parenchyma stays where it is
-INTENSITY_NAMES = ("blur", "sharpen", "noise", "contrast", "brightness", "gamma")
-_GAMMA_WINDOW = (-1000.0, 400.0)
+INTENSITY_NAMES = ("blur", "sharpen", "noise", "contrast", "brightness", "gamma")   # in the order applied
+_GAMMA_WINDOW = (-1000.0, 400.0)     # the HU window gamma works on (values outside it left alone)
 
 
-def intensity_settings(namespace):
-    """{name: (p, low, high)} from a namespace's AUG_<NAME> constants (nasnet_v2_train.py's)."""
-    return {n: namespace["AUG_" + n.upper()] for n in INTENSITY_NAMES}
+def intensity_settings(blur=(0.15, 0.3, 1.0), sharpen=(0.15, 0.3, 1.5), noise=(0.3, 5.0, 40.0),
+                       contrast=(0.3, 0.75, 1.3), brightness=(0.3, -50.0, 50.0), gamma=(0.3, 0.7, 1.4)):
+    """The intensity augmentation, {name: (probability, low, high)} in INTENSITY_NAMES's order: each transform
+    applied with its probability, its value uniform in [low, high] (see intensity_augment). The defaults:
+    blur, Gaussian sigma in px (a softer reconstruction kernel); sharpen, unsharp-mask gain at sigma 1.5 px (a
+    sharper kernel); noise, SD in HU of correlated noise of 0.7 px grain (a lower dose); contrast, factor about
+    PIVOT_HU (denser or fainter nodules and vessels); brightness, HU shift (calibration, depth of inspiration);
+    gamma on the [-1000, 400] HU window."""
+    return {"blur": blur, "sharpen": sharpen, "noise": noise, "contrast": contrast, "brightness": brightness,
+            "gamma": gamma}
 
 
 _LOCK = threading.Lock()       # serialises HDF5 reads of the threads of one process
@@ -385,27 +377,3 @@ def intensity_augment(image, hu_mean, hu_std, aug, rng):
             hu = np.where(win, a + (b - a) * np.clip(u, 0, 1) ** v, hu)
     out = (hu - np.float32(hu_mean)) / np.float32(hu_std if hu_std else 1.0)
     return np.where(inside, out, 0.0).astype(np.float32)
-
-
-def main(argv=None):
-    from tqdm import tqdm
-    from configurator import configure
-    import nasnet_v2_train
-    configure(globals(), argv)
-    table = TABLE or os.path.join(WORK_DIR, "2_table", "slices.h5")
-    index = np.load(INDEX or os.path.join(WORK_DIR, "3_split", "train_idx.npy"))
-    ds = SliceTableDataset(table, index, batch_size=BATCH_SIZE, rot_deg=ROT_DEG, zoom=ZOOM,
-                           label_interp=LABEL_INTERP, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P, seed=SEED,
-                           intensity=intensity_settings(vars(nasnet_v2_train)) if INTENSITY else None)
-    n = min(N_BATCHES, len(ds))
-    t0 = time.time()
-    for i in tqdm(range(n), desc="batches"):
-        x, y = ds[i]
-    dt = time.time() - t0
-    print(f"{len(ds)} batches per epoch; x {x.shape} {x.dtype}, y {y.shape} {y.dtype}; "
-          f"{n / max(dt, 1e-9):.1f} batches/s in this process")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

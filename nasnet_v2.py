@@ -1,8 +1,8 @@
 """The segmentation network of the thesis's figure 3, its U-Net baseline, the loss and the Dice metric.
 
 Library module of stage 4 (``nasnet_v2_train.py`` trains it, ``postprocess.py`` runs it). Reads nothing,
-writes nothing; run it to print a summary of a network:
-
+writes nothing.
+Run (prints a summary of a network)
     python nasnet_v2.py [--INPUT_SIZE=400 --VARIANT=figure3 --CHANNELS=1 --WEIGHTS=path --FULL_SUMMARY=0]
 
 Networks (``get_model(input_shape, variant, weights, bn_momentum)``), all (H, W, C) -> (H, W, 2) softmax,
@@ -73,6 +73,8 @@ VARIANT = "figure3"        # "figure3" (thesis figure), "thesis_code" (heavier d
 WEIGHTS = ""               # optional weights file: ImageNet NASNetMobile no-top .h5, a .weights.h5 or .keras
 BN_MOMENTUM = 0.99         # momentum of every BN layer (Keras's NASNetMobile: 0.9997, too slow for short runs)
 FULL_SUMMARY = False       # also print Keras's layer-by-layer summary (769+ lines for NASNet)
+_SUMMARY_SETTINGS = ("INPUT_SIZE", "CHANNELS", "VARIANT", "WEIGHTS", "BN_MOMENTUM", "FULL_SUMMARY")
+                           # what `python nasnet_v2.py` takes; the constants below define the networks
 
 N_CLASSES = 2              # background, nodule (one-hot label channels, softmax output channels)
 GCN_FILTERS = (16, 64, 128, 256)   # GCN filters at the 1/4, 1/8, 1/16, 1/32 taps (figure 3)
@@ -480,18 +482,18 @@ def describe(model):
 
 
 def main(argv=None):
+    """Print the summary of the network the settings ``_SUMMARY_SETTINGS`` (``--NAME=value``) describe."""
     from configurator import configure
-    cfg = configure(globals(), sys.argv[1:] if argv is None else argv)
-    if VARIANT not in VARIANTS:
-        raise SystemExit(f"--VARIANT={VARIANT}: expected one of {', '.join(VARIANTS)}")
-    model = get_model((INPUT_SIZE, INPUT_SIZE, CHANNELS), variant=VARIANT, weights=WEIGHTS or None,
-                      bn_momentum=BN_MOMENTUM)
-    if FULL_SUMMARY:
+    namespace = {k: v for k, v in globals().items() if k in _SUMMARY_SETTINGS + ("__doc__", "__file__")}
+    cfg = configure(namespace, sys.argv[1:] if argv is None else argv, choices={"VARIANT": VARIANTS})
+    model = get_model((cfg.INPUT_SIZE, cfg.INPUT_SIZE, cfg.CHANNELS), variant=cfg.VARIANT,
+                      weights=cfg.WEIGHTS or None, bn_momentum=cfg.BN_MOMENTUM)
+    if cfg.FULL_SUMMARY:
         model.summary(line_length=120)
     d = describe(model)
-    print(f"network        {d['name']}  (variant {VARIANT})")
+    print(f"network        {d['name']}  (variant {cfg.VARIANT})")
     print(f"input -> output {d['input_shape']} -> {d['output_shape']}")
-    print(f"layers         {d['layers']}  (BatchNorm: {d['bn_layers']}, momentum {BN_MOMENTUM})")
+    print(f"layers         {d['layers']}  (BatchNorm: {d['bn_layers']}, momentum {cfg.BN_MOMENTUM})")
     print(f"parameters     {d['params_total']:,}  (trainable {d['params_trainable']:,}, "
           f"non-trainable {d['params_non_trainable']:,})")
     for i, s in enumerate(d["tap_shapes"]):

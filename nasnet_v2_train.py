@@ -6,7 +6,7 @@ state), history.csv, state.json (epoch reached, best Dice: what --RESUME=1 conti
 (every constant used, plus the table's input geometry that postprocess.py feeds the model with: CROP,
 CONTEXT_SLICES, PIXEL_MM, CROP_MM, CONTEXT_MM, and PIXEL_MM_RANGE, the scans' pixel sizes),
 TensorBoard logs in tensorboard/.
-
+Run
     python nasnet_v2_train.py                                   # thesis-like defaults
     python nasnet_v2_train.py --EPOCHS=50 --TRAIN_CROP=192      # crops of the slices, whole slices at inference
     python nasnet_v2_train.py --RESUME=1                        # continue a killed run from last.keras
@@ -16,15 +16,15 @@ Each epoch: the fit over the training batches (augmented, reshuffled per epoch w
 normalisation statistics are re-estimated from BN_REESTIMATE_BATCHES training batches (Keras's NASNetMobile
 uses BN momentum 0.9997: after a short from-scratch training its moving statistics are still at their
 initial values and the model predicts nothing in inference mode; see nasnet_v2.py), then the validation
-slices are predicted in inference mode and the pooled Dice (prob > 0.5, the thesis's slice Dice, the same
-function as postprocess.py's) decides the best checkpoint. Throughput (slices per second) is printed per
+slices are predicted in inference mode and the pooled Dice (prob > 0.5, the thesis's slice Dice, metrics.py's,
+as postprocess.py reports it) decides the best checkpoint. Throughput (slices per second) is printed per
 epoch. With TRAIN_CROP > 0 the network trains (and validates) on crops of that side, sampled so that most
 hold a nodule; it is fully convolutional and postprocess.py rebuilds it at the whole-slice size.
 LR_DECAY_EPOCHS > 0 cools the learning rate down linearly over the last epochs (constant before: the thesis's
 schedule), so that last.keras is taken at a low rate rather than wherever the last steps of a constant rate left it.
+Checkpoints (last.keras, history.csv, state.json) are written and recovered by checkpoints.py: a run killed in
+the middle of one resumes with --RESUME=1 as if it had not been.
 """
-import csv
-import json
 import os
 import sys
 import time
@@ -33,7 +33,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+import checkpoints  # noqa: E402
 import configurator  # noqa: E402
+import runfiles  # noqa: E402
+from metrics import dice, dice_counts  # noqa: E402
+from network_input import table_settings  # noqa: E402
 
 # ----------------------------------------------------------------------------- constants
 WORK_DIR = "work"              # root of a run
@@ -83,15 +87,20 @@ LOG_EVERY = 0                  # print the loss every this many batches (0 = Ker
 DISTRIBUTE = ""                # "" = one device; "data_parallel" = BATCH_SIZE split over all visible devices
                                # (JAX: keras.distribution.DataParallel; TensorFlow: MirroredStrategy; see distribute())
 
-_DEVICES = 1                   # devices the global batch is split over (set by distribute())
+
+def _has_gpu():
+    try:
+        import tensorflow as tf
+        return bool(tf.config.list_physical_devices("GPU"))
+    except ImportError:
+        return False
 
 
-def out_dir():
-    return OUT_DIR or os.path.join(WORK_DIR, "4_model")
+# ----------------------------------------------------------------------------- devices
 
-
-def distribute():
-    """Start DISTRIBUTE's device layout (before any model exists); return the number of devices.
+def distribute(cfg):
+    """Start DISTRIBUTE's device layout (before any model exists); return the number of devices the global
+    batch is split over.
 
     "data_parallel" on the JAX backend: Keras's distribution API, keras.distribution.DataParallel over all
     devices of this host (keras.distribution.initialize() is called when KERAS_DISTRIBUTION_JOB_ADDRESSES is
@@ -100,13 +109,13 @@ def distribute():
     On the TensorFlow backend: tf.distribute.MirroredStrategy over the GPUs (else the logical CPU devices),
     set as the current strategy; each device runs its share, so the BN layers are synchronised and the loss
     gathers the whole batch (gdl_wce_loss_global_batch): the step is again the one-device step."""
-    global _DEVICES
     import nasnet_v2  # noqa: F401  (first: it sets TensorFlow's CPU allocator before any tensor exists)
     import keras
-    if not DISTRIBUTE:
-        _DEVICES = 1
-    elif DISTRIBUTE != "data_parallel":
-        raise SystemExit(f"--DISTRIBUTE={DISTRIBUTE!r}: expected '' (one device) or 'data_parallel'")
+    how = cfg.DISTRIBUTE
+    if not how:
+        devices = 1
+    elif how != "data_parallel":
+        raise SystemExit(f"--DISTRIBUTE={how!r}: expected '' (one device) or 'data_parallel'")
     elif keras.backend.backend() == "jax":
         if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"):
             keras.distribution.initialize()
@@ -114,38 +123,36 @@ def distribute():
             if jax.process_count() > 1:        # SliceTableDataset feeds every process the same whole batch
                 raise SystemExit(f"DISTRIBUTE=data_parallel over {jax.process_count()} hosts: the slice table is not "
                                  "sharded per host yet; use one host with several GPUs")
-        devices = keras.distribution.list_devices()
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
-        _DEVICES = len(devices)
+        listed = keras.distribution.list_devices()
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=listed))
+        devices = len(listed)
     elif keras.backend.backend() == "tensorflow":
         import tensorflow as tf
-        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-        strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+        listed = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy([d.name for d in listed])
         tf.distribute.experimental_set_strategy(strategy)
-        _DEVICES = strategy.num_replicas_in_sync
+        devices = strategy.num_replicas_in_sync
     else:
         raise SystemExit(f"--DISTRIBUTE=data_parallel needs the jax or tensorflow backend, not {keras.backend.backend()}")
-    if BATCH_SIZE % _DEVICES:
-        raise SystemExit(f"--BATCH_SIZE={BATCH_SIZE} does not split over {_DEVICES} devices (use a multiple)")
-    return _DEVICES
+    if cfg.BATCH_SIZE % devices:
+        raise SystemExit(f"--BATCH_SIZE={cfg.BATCH_SIZE} does not split over {devices} devices (use a multiple)")
+    return devices
 
 
-def undistribute():
+def undistribute(cfg):
     """Back to one device (a second main() in one process, tests)."""
-    global _DEVICES
     import keras
-    if DISTRIBUTE and keras.backend.backend() == "jax":
+    if cfg.DISTRIBUTE and keras.backend.backend() == "jax":
         keras.distribution.set_distribution(None)
-    elif DISTRIBUTE and keras.backend.backend() == "tensorflow":
+    elif cfg.DISTRIBUTE and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
         tf.distribute.experimental_set_strategy(None)
-    _DEVICES = 1
 
 
-def _mirrored():
+def _mirrored(devices):
     """True when TensorFlow splits each batch over several replicas (DISTRIBUTE on the TensorFlow backend)."""
     import keras
-    if keras.backend.backend() != "tensorflow" or _DEVICES == 1:
+    if keras.backend.backend() != "tensorflow" or devices == 1:
         return False
     import tensorflow as tf
     return tf.distribute.has_strategy()
@@ -170,130 +177,67 @@ def _register_global_batch_loss():
     return gdl_wce_loss_global_batch
 
 
-def build_model(image_shape):
-    """A compiled model for (H, W, C) inputs, or the resumed one from last.keras."""
+# ----------------------------------------------------------------------------- the network
+
+def build_model(image_shape, cfg, devices=1):
+    """A compiled model for (H, W, C) inputs: VARIANT (WEIGHTS, BN_MOMENTUM), OPTIMIZER at LR, the GDL + WCE loss
+    (over the global batch when split over ``devices`` by TensorFlow)."""
     import keras
     import nasnet_v2
-    if MIXED_PRECISION and _has_gpu():
+    if cfg.MIXED_PRECISION and _has_gpu():
         keras.mixed_precision.set_global_policy("mixed_float16")
-    model = nasnet_v2.get_model(image_shape, variant=VARIANT, weights=WEIGHTS or None,
-                                bn_momentum=BN_MOMENTUM or None)
-    if OPTIMIZER == "adam":
-        opt = keras.optimizers.Adam(learning_rate=LR)
-    elif OPTIMIZER == "sgd":
-        opt = keras.optimizers.SGD(learning_rate=LR, momentum=MOMENTUM)
+    model = nasnet_v2.get_model(image_shape, variant=cfg.VARIANT, weights=cfg.WEIGHTS or None,
+                                bn_momentum=cfg.BN_MOMENTUM or None)
+    if cfg.OPTIMIZER == "adam":
+        opt = keras.optimizers.Adam(learning_rate=cfg.LR)
+    elif cfg.OPTIMIZER == "sgd":
+        opt = keras.optimizers.SGD(learning_rate=cfg.LR, momentum=cfg.MOMENTUM)
     else:
-        raise SystemExit(f"OPTIMIZER must be 'adam' or 'sgd', not {OPTIMIZER!r}")
-    if MIXED_PRECISION and _has_gpu():
+        raise SystemExit(f"OPTIMIZER must be 'adam' or 'sgd', not {cfg.OPTIMIZER!r}")
+    if cfg.MIXED_PRECISION and _has_gpu():
         opt = keras.mixed_precision.LossScaleOptimizer(opt)
     loss = nasnet_v2.gdl_wce_loss
-    if _mirrored():                                  # each replica sees its share: global BN and loss
+    if _mirrored(devices):                           # each replica sees its share: global BN and loss
         for layer in nasnet_v2.batchnorm_layers(model):
             layer.synchronized = True
         loss = _register_global_batch_loss()
-    model.compile(optimizer=opt, loss=loss, metrics=[nasnet_v2.dice_coef], jit_compile=JIT_COMPILE)
+    model.compile(optimizer=opt, loss=loss, metrics=[nasnet_v2.dice_coef], jit_compile=cfg.JIT_COMPILE)
     return model
 
 
-def _has_gpu():
-    try:
-        import tensorflow as tf
-        return bool(tf.config.list_physical_devices("GPU"))
-    except ImportError:
-        return False
-
-
-def pooled_dice(model, dataset, max_batches=0):
-    """The thesis's slice Dice over a dataset in inference mode: 2|P & T| / (|P| + |T|), P = prob > 0.5."""
-    from postprocess import dice, dice_counts
-    inter = n_pred = n_true = 0
-    for k in range(len(dataset)):
-        if max_batches and k >= max_batches:
-            break
-        x, y = dataset[k]
-        p = _predict(model, x)[..., 1] > 0.5
-        i, a, b = dice_counts(p, y[..., 1] > 0.5)
-        inter, n_pred, n_true = inter + i, n_pred + a, n_true + b
-    return dice(inter, n_pred, n_true)
-
-
-def _predict(model, x):
+def _predict(model, x, devices=1):
     """model.predict_on_batch(x), the batch padded to a multiple of the devices it is split over."""
-    pad = -len(x) % _DEVICES
+    pad = -len(x) % devices
     if pad:
         x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
     return np.asarray(model.predict_on_batch(x))[:len(x) - pad]
 
 
-def _write_history(path, rows):
-    """history.csv (one row per epoch: epoch, then the logs' keys sorted, as Keras's CSVLogger writes it)."""
-    keys = sorted({k for r in rows for k in r} - {"epoch"})
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["epoch"] + keys, restval="")
-        w.writeheader()
-        w.writerows(rows)
+def pooled_dice(model, dataset, max_batches=0, devices=1):
+    """The thesis's slice Dice over a dataset in inference mode: 2|P & T| / (|P| + |T|), P = prob > 0.5."""
+    inter = n_pred = n_true = 0
+    for k in range(len(dataset)):
+        if max_batches and k >= max_batches:
+            break
+        x, y = dataset[k]
+        p = _predict(model, x, devices)[..., 1] > 0.5
+        i, a, b = dice_counts(p, y[..., 1] > 0.5)
+        inter, n_pred, n_true = inter + i, n_pred + a, n_true + b
+    return dice(inter, n_pred, n_true)
 
 
-def _iterations(model):
-    import keras
-    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+# ----------------------------------------------------------------------------- per epoch
 
-
-def save_checkpoint(model, folder, state, history):
-    """last.keras, history.csv and state.json of an epoch, each written to a temporary file first; then
-    renamed in that order. state.json is the commit: it records the optimiser's step count, so that a kill
-    between the renames is recognised on --RESUME=1 (see recover_checkpoint) and no epoch is replayed on a
-    model that moved on."""
-    paths = [os.path.join(folder, n) for n in ("last.keras", "history.csv", "state.json")]
-    model.save(paths[0] + ".tmp.keras")                 # Keras wants the .keras extension
-    _write_history(paths[1] + ".tmp", history)
-    with open(paths[2] + ".tmp", "w") as f:
-        json.dump(dict(state, iterations=_iterations(model)), f, indent=2)
-    os.replace(paths[0] + ".tmp.keras", paths[0])
-    os.replace(paths[1] + ".tmp", paths[1])
-    os.replace(paths[2] + ".tmp", paths[2])
-
-
-def recover_checkpoint(folder, model):
-    """On --RESUME=1, with last.keras loaded as ``model``: finish a commit that a kill interrupted (last.keras
-    renamed, state.json.tmp written but not renamed), then read state.json; history.csv is cut to the epochs
-    state.json counts. Returns (state, history rows), or (None, []) when no consistent state exists."""
-    state_path, hist_path = os.path.join(folder, "state.json"), os.path.join(folder, "history.csv")
-    try:
-        pending = json.load(open(state_path + ".tmp"))
-    except (OSError, ValueError):
-        pending = None
-    if pending is not None and pending.get("iterations") == _iterations(model):
-        if os.path.isfile(hist_path + ".tmp"):
-            os.replace(hist_path + ".tmp", hist_path)
-        os.replace(state_path + ".tmp", state_path)
-    try:
-        state = json.load(open(state_path))
-    except (OSError, ValueError):
-        return None, []
-    if state.get("iterations", _iterations(model)) != _iterations(model):
-        return None, []
-    rows = list(csv.DictReader(open(hist_path))) if os.path.isfile(hist_path) else []
-    return state, [r for r in rows if int(r["epoch"]) <= state["epoch"]]
-
-
-def clean_tmp(folder):
-    """Remove the temporary files an interrupted run left (after recover_checkpoint has used them)."""
-    import glob
-    for p in glob.glob(os.path.join(folder, "*.tmp")) + glob.glob(os.path.join(folder, "*.tmp.keras")):
-        os.remove(p)
-
-
-def epoch_lr(epoch):
+def epoch_lr(epoch, cfg):
     """The learning rate of a (0-based) epoch in the cool-down window of LR_DECAY_EPOCHS, else None (left as is):
     LR x (EPOCHS - epoch) / (LR_DECAY_EPOCHS + 1), e.g. 16 epochs, 4 cooling: LR x 4/5, 3/5, 2/5, 1/5 in the last four."""
-    start = EPOCHS - LR_DECAY_EPOCHS
-    if LR_DECAY_EPOCHS <= 0 or epoch < start:
+    start = cfg.EPOCHS - cfg.LR_DECAY_EPOCHS
+    if cfg.LR_DECAY_EPOCHS <= 0 or epoch < start:
         return None
-    return LR * (EPOCHS - epoch) / (LR_DECAY_EPOCHS + 1)
+    return cfg.LR * (cfg.EPOCHS - epoch) / (cfg.LR_DECAY_EPOCHS + 1)
 
 
-def make_callback(model, train_bn, val, folder, state, cfg, history=None):
+def make_callback(model, train_bn, val, folder, state, cfg, devices=1, history=None):
     """Per epoch: BN re-estimation, validation Dice, checkpoints, state.json, throughput, LR schedule, stop rules."""
     import keras
     import nasnet_v2
@@ -303,12 +247,12 @@ def make_callback(model, train_bn, val, folder, state, cfg, history=None):
     class EpochEnd(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.t0, self.steps = time.time(), 0
-            if epoch_lr(epoch) is not None:
-                model.optimizer.learning_rate.assign(epoch_lr(epoch))
+            if epoch_lr(epoch, cfg) is not None:
+                model.optimizer.learning_rate.assign(epoch_lr(epoch, cfg))
 
         def on_train_batch_end(self, batch, logs=None):
             self.steps += 1
-            if LOG_EVERY and self.steps % LOG_EVERY == 0:
+            if cfg.LOG_EVERY and self.steps % cfg.LOG_EVERY == 0:
                 print(f"  batch {self.steps}: loss {logs.get('loss', float('nan')):.4f} "
                       f"dice {logs.get('dice_coef', float('nan')):.3f}", flush=True)
 
@@ -316,123 +260,155 @@ def make_callback(model, train_bn, val, folder, state, cfg, history=None):
             logs = logs if logs is not None else {}
             train_s = time.time() - self.t0
             state["train_seconds"] = state.get("train_seconds", 0.0) + train_s
-            logs["slices_per_s"] = self.steps * BATCH_SIZE / max(train_s, 1e-9)
-            if BN_REESTIMATE_BATCHES:
+            logs["slices_per_s"] = self.steps * cfg.BATCH_SIZE / max(train_s, 1e-9)
+            if cfg.BN_REESTIMATE_BATCHES:
                 nasnet_v2.reestimate_bn_statistics(model, (train_bn[i] for i in range(len(train_bn))),
-                                                   max_batches=BN_REESTIMATE_BATCHES)
-            logs["val_dice"] = pooled_dice(model, val, VAL_MAX_BATCHES)
+                                                   max_batches=cfg.BN_REESTIMATE_BATCHES)
+            logs["val_dice"] = pooled_dice(model, val, cfg.VAL_MAX_BATCHES, devices)
             logs["lr"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
             improved = logs["val_dice"] > state.get("best_val_dice", -1.0)
             if improved:
                 state["best_val_dice"], state["best_epoch"], state["stale"] = logs["val_dice"], epoch, 0
-                model.save(os.path.join(folder, "best.keras.tmp.keras"))
-                os.replace(os.path.join(folder, "best.keras.tmp.keras"), os.path.join(folder, "best.keras"))
+                with runfiles.atomic(os.path.join(folder, "best.keras")) as tmp:
+                    model.save(tmp)
             else:
                 state["stale"] = state.get("stale", 0) + 1
-                if REDUCE_LR_PATIENCE and state["stale"] % REDUCE_LR_PATIENCE == 0:
+                if cfg.REDUCE_LR_PATIENCE and state["stale"] % cfg.REDUCE_LR_PATIENCE == 0:
                     model.optimizer.learning_rate.assign(logs["lr"] / 2)
             state["epoch"] = epoch
             rows.append(dict({k: float(v) for k, v in logs.items() if np.ndim(v) == 0}, epoch=epoch))
-            save_checkpoint(model, folder, state, rows)
+            checkpoints.save_checkpoint(model, folder, state, rows)
             print(f"epoch {epoch + 1}: loss {logs.get('loss', float('nan')):.4f} train dice "
                   f"{logs.get('dice_coef', float('nan')):.3f} val dice {logs['val_dice']:.3f}"
                   f"{' (best)' if improved else ''} | {logs['slices_per_s']:.1f} slices/s, {train_s:.0f} s",
                   flush=True)
-            if EARLY_STOP_PATIENCE and state["stale"] >= EARLY_STOP_PATIENCE:
+            if cfg.EARLY_STOP_PATIENCE and state["stale"] >= cfg.EARLY_STOP_PATIENCE:
                 print(f"early stop: no better val dice for {state['stale']} epochs")
                 model.stop_training = True
-            if MAX_MINUTES and state["train_seconds"] >= MAX_MINUTES * 60:
-                print(f"time budget of {MAX_MINUTES} min reached")
+            if cfg.MAX_MINUTES and state["train_seconds"] >= cfg.MAX_MINUTES * 60:
+                print(f"time budget of {cfg.MAX_MINUTES} min reached")
                 model.stop_training = True
 
     return EpochEnd()
 
 
+# ----------------------------------------------------------------------------- the run
+
 def main(argv=None):
     cfg = configurator.configure(globals(), argv)
-    distribute()
+    devices = distribute(cfg)
     try:
-        return _train(cfg)
+        return train(cfg, devices)
     finally:
-        undistribute()
+        undistribute(cfg)
 
 
-def _train(cfg):
-    import nasnet_v2  # noqa: F401  (first: it sets TensorFlow's CPU allocator before any tensor exists)
-    import keras
-    from data_generator_sequence_table import SliceTableDataset, intensity_settings
-    import table as table_mod
-
-    table_path = TABLE or os.path.join(WORK_DIR, "2_table", "slices.h5")
-    split_dir = SPLIT_DIR or os.path.join(WORK_DIR, "3_split")
-    folder = out_dir()
+def run_paths(cfg):
+    """(slice table, split folder, output folder) of the run; refuses a missing input."""
+    table_path = cfg.TABLE or os.path.join(cfg.WORK_DIR, "2_table", "slices.h5")
+    split_dir = cfg.SPLIT_DIR or os.path.join(cfg.WORK_DIR, "3_split")
     for p in (table_path, os.path.join(split_dir, "train_idx.npy"), os.path.join(split_dir, "val_idx.npy")):
         if not os.path.isfile(p):
             raise SystemExit(f"{p}: not found (run table.py and slice_idx.py first)")
-    os.makedirs(folder, exist_ok=True)
-    keras.utils.set_random_seed(SEED)
+    return table_path, split_dir, cfg.OUT_DIR or os.path.join(cfg.WORK_DIR, "4_model")
+
+
+def datasets(cfg, table_path, split_dir):
+    """The training batches (augmented, shuffled per epoch), the BN re-estimation batches (unaugmented) and the
+    validation batches -> (train, train_bn, val)."""
+    from data_generator_sequence_table import INTENSITY_NAMES, SliceTableDataset, intensity_settings
     train_idx = np.load(os.path.join(split_dir, "train_idx.npy"))
     val_idx = np.load(os.path.join(split_dir, "val_idx.npy"))
-    if len(train_idx) < BATCH_SIZE or len(val_idx) == 0:
+    if len(train_idx) < cfg.BATCH_SIZE or len(val_idx) == 0:
         raise SystemExit(f"{split_dir}: {len(train_idx)} training and {len(val_idx)} validation rows; "
-                         f"need >= BATCH_SIZE ({BATCH_SIZE}) and >= 1")
-    workers = dict(workers=WORKERS, use_multiprocessing=USE_MULTIPROCESSING) if WORKERS else {}
-    train = SliceTableDataset(table_path, train_idx, batch_size=BATCH_SIZE, augment=AUGMENT, rot_deg=ROT_DEG,
-                              zoom=ZOOM, label_interp=LABEL_INTERP, shuffle=True, seed=SEED, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P,
-                              max_batches=STEPS_PER_EPOCH, sampling=SAMPLING, neg_fraction=NEG_FRACTION,
-                              intensity=intensity_settings(globals()) if INTENSITY else None, **workers)
-    train_bn = SliceTableDataset(table_path, train_idx, batch_size=BATCH_SIZE, augment=False, shuffle=True,
-                                 seed=SEED + 1, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P)
-    val = SliceTableDataset(table_path, val_idx, batch_size=BATCH_SIZE, augment=False, shuffle=False,
-                            drop_last=False, seed=SEED, crop=TRAIN_CROP, crop_nodule_p=CROP_NODULE_P)
-    settings = table_mod.table_settings(table_path)
-    cfg.update({"TABLE_" + k.upper(): v for k, v in settings.items()})
-    cfg["CROP"] = int(settings.get("crop", train.height))
-    # the input geometry postprocess.py must rebuild (table.InputGeometry), and for a raw-pixel model the
-    # range of scan pixel sizes it saw, so that inference can say when a scan lies outside it
-    cfg["PIXEL_MM"], cfg["CROP_MM"] = settings["pixel_mm"], settings["crop_mm"]
-    cfg["CONTEXT_MM"] = settings["context_mm"]
-    cfg["PIXEL_MM_RANGE"] = settings.get("pixel_mm_range")
-    cfg["CONTEXT_SLICES"] = int(train.context_slices)
-    cfg["INPUT_SHAPE"] = list(train.image_shape)
-    configurator.save_config(cfg, folder)
+                         f"need >= BATCH_SIZE ({cfg.BATCH_SIZE}) and >= 1")
+    workers = dict(workers=cfg.WORKERS, use_multiprocessing=cfg.USE_MULTIPROCESSING) if cfg.WORKERS else {}
+    intensity = intensity_settings(**{n: cfg["AUG_" + n.upper()] for n in INTENSITY_NAMES})
+    crop = dict(crop=cfg.TRAIN_CROP, crop_nodule_p=cfg.CROP_NODULE_P)
+    train = SliceTableDataset(table_path, train_idx, batch_size=cfg.BATCH_SIZE, augment=cfg.AUGMENT,
+                              rot_deg=cfg.ROT_DEG, zoom=cfg.ZOOM, label_interp=cfg.LABEL_INTERP, shuffle=True,
+                              seed=cfg.SEED, max_batches=cfg.STEPS_PER_EPOCH, sampling=cfg.SAMPLING,
+                              neg_fraction=cfg.NEG_FRACTION, intensity=intensity if cfg.INTENSITY else None,
+                              **crop, **workers)
+    train_bn = SliceTableDataset(table_path, train_idx, batch_size=cfg.BATCH_SIZE, augment=False, shuffle=True,
+                                 seed=cfg.SEED + 1, **crop)
+    val = SliceTableDataset(table_path, val_idx, batch_size=cfg.BATCH_SIZE, augment=False, shuffle=False,
+                            drop_last=False, seed=cfg.SEED, **crop)
+    return train, train_bn, val
 
-    state, initial_epoch, history = {}, 0, []
+
+def with_input_geometry(cfg, table_path, train):
+    """``cfg`` with the table's settings (TABLE_*) and the input geometry postprocess.py must rebuild
+    (network_input.InputGeometry: CROP, PIXEL_MM, CROP_MM, CONTEXT_MM, CONTEXT_SLICES, INPUT_SHAPE; and for a
+    raw-pixel model PIXEL_MM_RANGE, the range of scan pixel sizes it saw, so that inference can say when a scan
+    lies outside it): what config.json records."""
+    settings = table_settings(table_path)
+    return cfg.replace(**{"TABLE_" + k.upper(): v for k, v in settings.items()},
+                       CROP=int(settings.get("crop", train.height)), PIXEL_MM=settings["pixel_mm"],
+                       CROP_MM=settings["crop_mm"], CONTEXT_MM=settings["context_mm"],
+                       PIXEL_MM_RANGE=settings.get("pixel_mm_range"), CONTEXT_SLICES=int(train.context_slices),
+                       INPUT_SHAPE=list(train.image_shape))
+
+
+def start_or_resume(cfg, folder, image_shape, devices):
+    """The model to train and where it stands -> (model, state, history rows, first epoch): with RESUME,
+    last.keras and its checkpoint (checkpoints.recover_checkpoint: a commit a kill interrupted is finished),
+    else a new model."""
+    import keras
+    state, initial_epoch, history, model = {}, 0, [], None
     last = os.path.join(folder, "last.keras")
-    model = None
-    if RESUME and os.path.isfile(last):
+    if cfg.RESUME and os.path.isfile(last):
         import nasnet_v2  # noqa: F401  (registers the loss and metric)
-        if _mirrored():
+        if _mirrored(devices):
             _register_global_batch_loss()
         model = keras.saving.load_model(last)
-        state, history = recover_checkpoint(folder, model)
+        state, history = checkpoints.recover_checkpoint(folder, model)
         if state is None:
             print(f"RESUME=1 but {folder}/state.json does not match {last}: starting from scratch")
             state, history, model = {}, [], None
         else:
             initial_epoch = state["epoch"] + 1
             print(f"resuming from {last}: epoch {initial_epoch + 1}, best val dice {state.get('best_val_dice', 0):.3f}")
-    elif RESUME:
+    elif cfg.RESUME:
         print(f"RESUME=1 but {last} does not exist: starting from scratch")
-    clean_tmp(folder)
+    runfiles.clean_stale(folder)
     if model is None:
-        model = build_model(train.image_shape)
-    if initial_epoch >= EPOCHS:
-        print(f"nothing to do: {initial_epoch} of {EPOCHS} epochs done")
+        model = build_model(image_shape, cfg, devices)
+    return model, state, history, initial_epoch
+
+
+def train(cfg, devices=1):
+    """Stage 4 with the settings ``cfg`` on ``devices`` (distribute) -> exit status."""
+    import nasnet_v2  # noqa: F401  (first: it sets TensorFlow's CPU allocator before any tensor exists)
+    import keras
+    # 1. the inputs (stages 2 and 3) and the output folder
+    table_path, split_dir, folder = run_paths(cfg)
+    os.makedirs(folder, exist_ok=True)
+    keras.utils.set_random_seed(cfg.SEED)
+    # 2. the batches: training (augmented), BN re-estimation, validation
+    train_ds, train_bn, val = datasets(cfg, table_path, split_dir)
+    # 3. the settings with the table's input geometry, saved as config.json
+    cfg = with_input_geometry(cfg, table_path, train_ds)
+    configurator.save_config(cfg, folder)
+    # 4. the model: resumed from last.keras (RESUME), or new
+    model, state, history, initial_epoch = start_or_resume(cfg, folder, train_ds.image_shape, devices)
+    if initial_epoch >= cfg.EPOCHS:
+        print(f"nothing to do: {initial_epoch} of {cfg.EPOCHS} epochs done")
         return 0
-    train.set_epoch(initial_epoch)
-    print(f"training {VARIANT} on {len(train_idx)} slices ({len(train)} batches of {BATCH_SIZE}"
-          f"{f' split over {_DEVICES} devices' if _DEVICES > 1 else ''}, input "
-          f"{train.image_shape}), validating on {len(val_idx)}; {model.count_params():,} parameters")
-    callbacks = [make_callback(model, train_bn, val, folder, state, cfg, history)]
+    # 5. the epochs, each ending with BN re-estimation, validation and a checkpoint (make_callback)
+    train_ds.set_epoch(initial_epoch)
+    print(f"training {cfg.VARIANT} on {len(train_ds.indexes)} slices ({len(train_ds)} batches of {cfg.BATCH_SIZE}"
+          f"{f' split over {devices} devices' if devices > 1 else ''}, input "
+          f"{train_ds.image_shape}), validating on {len(val.indexes)}; {model.count_params():,} parameters")
+    callbacks = [make_callback(model, train_bn, val, folder, state, cfg, devices, history)]
     try:
         import tensorboard  # noqa: F401
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(folder, "tensorboard"), write_graph=False))
     except ImportError:
         pass
     t0 = time.time()
-    model.fit(train, epochs=EPOCHS, initial_epoch=initial_epoch,
-              callbacks=callbacks, verbose=2 if LOG_EVERY == 0 else 0,
+    model.fit(train_ds, epochs=cfg.EPOCHS, initial_epoch=initial_epoch,
+              callbacks=callbacks, verbose=2 if cfg.LOG_EVERY == 0 else 0,
               shuffle=False)          # the dataset orders its batches itself (seeded); Keras's shuffle is not
     print(f"trained in {time.time() - t0:.0f} s; best val dice {state.get('best_val_dice', 0):.3f} "
           f"(epoch {state.get('best_epoch', 0) + 1}) -> {os.path.join(folder, 'best.keras')}")

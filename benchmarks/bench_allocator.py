@@ -10,14 +10,13 @@ Reads nothing; writes benchmarks/results/bench_allocator.json and prints a table
 
     python benchmarks/bench_allocator.py [--SIZE=192 --BATCH=8 --STEPS=3]
 """
-import json
 import os
 import subprocess
 import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
 
 # ---------------------------------------------------------------- constants
 SIZE = 192                        # input side of the toy network (8 x 192 x 192 x 64 float32 = 75 MB activations)
@@ -25,7 +24,7 @@ BATCH = 8                         # slices per training step
 STEPS = 3                         # timed steps after 2 warm-up steps
 SETTINGS = ("true", "false")      # TF_CPU_ALLOCATOR_USE_BFC values compared ("true" = what nasnet_v2 sets)
 TIMEOUT_S = 600                   # limit per measurement process
-OUT = os.path.join(ROOT, "benchmarks", "results", "bench_allocator.json")  # JSON written here
+OUT = os.path.join(_ROOT, "benchmarks", "results", "bench_allocator.json")  # JSON written here
 
 _CHILD = textwrap.dedent("""
     import resource, sys, time
@@ -43,11 +42,11 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def measure(setting):
+def measure(setting, cfg):
     """Page faults and seconds per step in a fresh process with TF_CPU_ALLOCATOR_USE_BFC=setting."""
     env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC=setting, TF_CPP_MIN_LOG_LEVEL="2")
-    code = _CHILD.format(root=ROOT, size=SIZE, batch=BATCH, steps=STEPS)
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    code = _CHILD.format(root=_ROOT, size=cfg.SIZE, batch=cfg.BATCH, steps=cfg.STEPS)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=cfg.TIMEOUT_S, env=env)
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode != 0 or not line:
         return {"error": (p.stderr or p.stdout)[-500:]}
@@ -57,17 +56,17 @@ def measure(setting):
 
 def main(argv=None):
     import configurator
+    import runfiles
     cfg = configurator.configure(globals(), argv)
-    results = {s: measure(s) for s in SETTINGS}
+    results = {s: measure(s, cfg) for s in cfg.SETTINGS}
     print(f"{'TF_CPU_ALLOCATOR_USE_BFC':>26} | page faults / step | s / step")
     for s, r in results.items():
         if "error" in r:
             print(f"{s:>26} | failed: {r['error'].splitlines()[-1] if r['error'] else ''}")
         else:
             print(f"{s:>26} | {r['page_faults_per_step']:18.0f} | {r['s_per_step']:.3f}")
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT, "w") as f:
-        json.dump({"machine": f"{os.cpu_count()} cores", "config": cfg, "results": results}, f, indent=2)
+    os.makedirs(os.path.dirname(cfg.OUT), exist_ok=True)
+    runfiles.write_json(cfg.OUT, {"machine": f"{os.cpu_count()} cores", "config": cfg, "results": results})
     return 0
 
 

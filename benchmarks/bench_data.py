@@ -27,13 +27,13 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
 
 from configurator import configure  # noqa: E402
 
 # ----------------------------------------------------------------------------- constants
-OUT_DIR = os.path.join(ROOT, "benchmarks", "results")   # where bench_data.json goes
+OUT_DIR = os.path.join(_ROOT, "benchmarks", "results")   # where bench_data.json goes
 WORK_DIR = ""                  # scratch folder for the stage-1 files and tables; "" = a temporary one, removed
 SIZE = 512                     # slice side (px): 512 gives the thesis's 400 x 400 input
 N_Z = 40                       # slices per scan
@@ -48,7 +48,7 @@ MODEL_STEP_S = 0.0             # seconds per training step from the model benchm
 SEED = 0                       # seed of the random-ish scans
 
 
-def make_scans(folder, n, size=SIZE, n_z=N_Z, seed=SEED):
+def make_scans(folder, n, size, n_z, seed):
     """n random-ish stage-1 files: an elliptic body, two lungs (-850 HU) with vessels, 2 nodules each."""
     from ct_io import NODULE_DTYPE, Scan, write_scan_h5
     os.makedirs(folder, exist_ok=True)
@@ -93,15 +93,15 @@ def make_scans(folder, n, size=SIZE, n_z=N_Z, seed=SEED):
         write_scan_h5(os.path.join(folder, uid + ".h5"), scan, lung, mask, nod)
 
 
-def run_table(in_dir, out_dir, limit):
+def run_table(in_dir, out_dir, limit, neg_per_scan):
     """table.py in a fresh process -> (rows, slices/s, peak RSS MiB)."""
     # VmHWM: this process's own peak (ru_maxrss would include the parent's memory, kept across fork + exec)
     code = ("import re, sys, table; rc = table.main(sys.argv[1:]); "
             "print('PEAK_RSS_KB', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
             "sys.exit(rc)")
     cmd = [sys.executable, "-c", code, f"--IN_DIR={in_dir}", f"--OUT_DIR={out_dir}", f"--LIMIT={limit}",
-           f"--NEG_PER_SCAN={NEG_PER_SCAN}"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+           f"--NEG_PER_SCAN={neg_per_scan}"]
+    p = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"table.py failed:\n{p.stderr[-2000:]}")
     rows = int(re.search(r": (\d+) slices", p.stdout).group(1))
@@ -110,11 +110,11 @@ def run_table(in_dir, out_dir, limit):
     return rows, rate, peak
 
 
-def time_source(table, rows, workers, processes=True):
+def time_source(table, rows, workers, processes, cfg):
     """Batches per second of SliceTableDataset (augmentation on) read as fit() reads it."""
     from data_generator_sequence_table import SliceTableDataset
-    kw = dict(batch_size=BATCH_SIZE, augment=True, rot_deg=6.0, seed=SEED)
-    n = min(N_BATCHES, len(rows) // BATCH_SIZE - 1)          # within one epoch, after a first untimed batch
+    kw = dict(batch_size=cfg.BATCH_SIZE, augment=True, rot_deg=6.0, seed=cfg.SEED)
+    n = min(cfg.N_BATCHES, len(rows) // cfg.BATCH_SIZE - 1)  # within one epoch, after a first untimed batch
     if workers:
         from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
         ds = SliceTableDataset(table, rows, workers=workers, use_multiprocessing=processes, **kw)
@@ -137,7 +137,7 @@ def time_source(table, rows, workers, processes=True):
     return n / dt
 
 
-def time_model_step(batch=BATCH_SIZE, side=400, steps=2):
+def time_model_step(batch, side=400, steps=2):
     """Seconds per training step of NASNetMobile (random init, 1 channel) + a small upsampling head."""
     import keras
     inp = keras.Input((side, side, 1))
@@ -157,64 +157,80 @@ def time_model_step(batch=BATCH_SIZE, side=400, steps=2):
     return (time.perf_counter() - t0) / steps
 
 
+def measure_table(cfg, work, res):
+    """table.py on MEM_SCANS scans of random-ish stage-1 files: slices/s and peak memory -> the largest table."""
+    stage1 = os.path.join(work, "1_preprocessed")
+    n_max = max(cfg.MEM_SCANS)
+    t0 = time.time()
+    make_scans(stage1, n_max, cfg.SIZE, cfg.N_Z, cfg.SEED)
+    print(f"{n_max} random-ish stage-1 files ({cfg.SIZE}x{cfg.SIZE}x{cfg.N_Z}) in {time.time() - t0:.0f} s")
+    res["table"] = {}
+    for n in cfg.MEM_SCANS:
+        rows, rate, peak = run_table(stage1, os.path.join(work, f"2_table_{n}"), n, cfg.NEG_PER_SCAN)
+        res["table"][str(n)] = dict(scans=n, slices=rows, slices_per_s=round(rate, 1), peak_rss_mib=round(peak, 1))
+        print(f"table.py, {n} scans: {rows} slices, {rate:.1f} slices/s, peak RSS {peak:.0f} MiB")
+    peaks = [res["table"][str(n)]["peak_rss_mib"] for n in cfg.MEM_SCANS]
+    res["table_memory_growth"] = round(peaks[-1] / peaks[0] - 1, 3)
+    return os.path.join(work, f"2_table_{n_max}", "slices.h5")
+
+
+def measure_source(cfg, table, res):
+    """SliceTableDataset's batches per second in this process, with WORKERS processes and THREADS threads."""
+    import tables
+    with tables.open_file(table) as h5:
+        n_rows, shape = len(h5.root.slices), tuple(int(s) for s in h5.root.data.shape[1:])
+    rows = np.arange(n_rows)
+    res["source"] = dict(input_shape=list(shape))
+    settings = [(f"workers{w}", w, True) for w in cfg.WORKERS] + [(f"threads{w}", w, False) for w in cfg.THREADS]
+    for name, w, proc in settings:
+        bps = time_source(table, rows, w, proc, cfg)
+        res["source"][f"batches_per_s_{name}"] = round(bps, 2)
+        what = "in this process" if not w else f"{w} worker {'processes' if proc else 'threads'}"
+        print(f"data source, batch {cfg.BATCH_SIZE}, {shape}, augmentation on, {what}: {bps:.2f} batches/s "
+              f"({1000 / bps:.0f} ms per batch)")
+
+
+def measure_ratio(cfg, res):
+    """The data source's speed against a training step's (MODEL_STEP_S, or measured with MODEL_STEP)."""
+    step = cfg.MODEL_STEP_S or None
+    res["model_step_s_source"] = "MODEL_STEP_S (model benchmark)" if step else None
+    if cfg.MODEL_STEP:
+        step = time_model_step(cfg.BATCH_SIZE)
+        res["model_step_s_source"] = "NASNetMobile encoder + 1x1 head, measured here (lower bound of nasnet_v2)"
+        print(f"training step (NASNetMobile encoder, batch {cfg.BATCH_SIZE}, 400x400): {step:.2f} s")
+    res["model_step_s"] = round(step, 3) if step else None
+    rates = {k[len("batches_per_s_"):]: v for k, v in res["source"].items() if k.startswith("batches_per_s_")}
+    best = max(rates.values())
+    if step:
+        res["ratio_source_vs_step"] = {k: round(v * step, 1) for k, v in rates.items()}
+        print("data source / training step speed ratio (must be >= 3): "
+              + ", ".join(f"{k} {v * step:.1f}" for k, v in rates.items()))
+    else:
+        res["ratio_source_vs_step"] = None
+        print(f"training step time unknown: the ratio is {best:.2f} x (seconds per step); >= 3 needs a step of "
+              f">= {3 / best:.2f} s")
+
+
 def main(argv=None):
-    configure(globals(), argv)
-    work = WORK_DIR or tempfile.mkdtemp(prefix="bench_data_")
+    import runfiles
+    cfg = configure(globals(), argv)
+    work = cfg.WORK_DIR or tempfile.mkdtemp(prefix="bench_data_")
     res = dict(machine=dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine(),
                             python=platform.python_version()),
-               settings=dict(size=SIZE, n_z=N_Z, neg_per_scan=NEG_PER_SCAN, batch_size=BATCH_SIZE,
-                             n_batches=N_BATCHES))
+               settings=dict(size=cfg.SIZE, n_z=cfg.N_Z, neg_per_scan=cfg.NEG_PER_SCAN, batch_size=cfg.BATCH_SIZE,
+                             n_batches=cfg.N_BATCHES))
     try:
-        stage1 = os.path.join(work, "1_preprocessed")
-        n_max = max(MEM_SCANS)
-        t0 = time.time()
-        make_scans(stage1, n_max)
-        print(f"{n_max} random-ish stage-1 files ({SIZE}x{SIZE}x{N_Z}) in {time.time() - t0:.0f} s")
-        res["table"] = {}
-        for n in MEM_SCANS:
-            rows, rate, peak = run_table(stage1, os.path.join(work, f"2_table_{n}"), n)
-            res["table"][str(n)] = dict(scans=n, slices=rows, slices_per_s=round(rate, 1), peak_rss_mib=round(peak, 1))
-            print(f"table.py, {n} scans: {rows} slices, {rate:.1f} slices/s, peak RSS {peak:.0f} MiB")
-        peaks = [res["table"][str(n)]["peak_rss_mib"] for n in MEM_SCANS]
-        res["table_memory_growth"] = round(peaks[-1] / peaks[0] - 1, 3)
-        table = os.path.join(work, f"2_table_{n_max}", "slices.h5")
-        import tables
-        with tables.open_file(table) as h5:
-            n_rows, shape = len(h5.root.slices), tuple(int(s) for s in h5.root.data.shape[1:])
-        rows = np.arange(n_rows)
-        res["source"] = dict(input_shape=list(shape))
-        settings = [(f"workers{w}", w, True) for w in WORKERS] + [(f"threads{w}", w, False) for w in THREADS]
-        for name, w, proc in settings:
-            bps = time_source(table, rows, w, proc)
-            res["source"][f"batches_per_s_{name}"] = round(bps, 2)
-            what = "in this process" if not w else f"{w} worker {'processes' if proc else 'threads'}"
-            print(f"data source, batch {BATCH_SIZE}, {shape}, augmentation on, {what}: {bps:.2f} batches/s "
-                  f"({1000 / bps:.0f} ms per batch)")
-        step = MODEL_STEP_S or None
-        res["model_step_s_source"] = "MODEL_STEP_S (model benchmark)" if step else None
-        if MODEL_STEP:
-            step = time_model_step()
-            res["model_step_s_source"] = "NASNetMobile encoder + 1x1 head, measured here (lower bound of nasnet_v2)"
-            print(f"training step (NASNetMobile encoder, batch {BATCH_SIZE}, 400x400): {step:.2f} s")
-        res["model_step_s"] = round(step, 3) if step else None
-        rates = {k[len("batches_per_s_"):]: v for k, v in res["source"].items() if k.startswith("batches_per_s_")}
-        best = max(rates.values())
-        if step:
-            res["ratio_source_vs_step"] = {k: round(v * step, 1) for k, v in rates.items()}
-            print("data source / training step speed ratio (must be >= 3): "
-                  + ", ".join(f"{k} {v * step:.1f}" for k, v in rates.items()))
-        else:
-            res["ratio_source_vs_step"] = None
-            print(f"training step time unknown: the ratio is {best:.2f} x (seconds per step); >= 3 needs a step of "
-                  f">= {3 / best:.2f} s")
+        table = measure_table(cfg, work, res)
+        measure_source(cfg, table, res)
+        measure_ratio(cfg, res)
     finally:
-        if not WORK_DIR:
+        if not cfg.WORK_DIR:
             shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(OUT_DIR, exist_ok=True)
-    path = os.path.join(OUT_DIR, "bench_data.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(path + ".tmp", path)
+    os.makedirs(cfg.OUT_DIR, exist_ok=True)
+    path = os.path.join(cfg.OUT_DIR, "bench_data.json")
+    with runfiles.atomic(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
     print(json.dumps(res, indent=1))
     print(f"written {path}")
     return 0

@@ -23,8 +23,8 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
 
 # ---------------------------------------------------------------- constants
 MODELS = ("figure3", "unet")      # networks to time (nasnet_v2 variants)
@@ -37,7 +37,7 @@ MODE_SIZE = 256                   # input size of the first-step comparison
 MODE_STEPS = 2                    # timed steps after the first in the comparison
 JAX_PATH = "/tmp/jaxenv"          # folder with jax/jaxlib (pip install --target); "" = only if in the venv
 TIMEOUT_S = 900                   # limit per measurement process
-OUT = os.path.join(ROOT, "benchmarks", "results", "bench_model.json")  # JSON written here
+OUT = os.path.join(_ROOT, "benchmarks", "results", "bench_model.json")  # JSON written here
 
 
 def worker(spec):
@@ -87,18 +87,18 @@ def worker(spec):
     }), flush=True)
 
 
-def run_one(spec):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+def run_one(spec, cfg):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=_ROOT)
     if spec["mode"] == "jax":
         env["KERAS_BACKEND"] = "jax"
-        if JAX_PATH:
-            env["PYTHONPATH"] = ROOT + os.pathsep + JAX_PATH
+        if cfg.JAX_PATH:
+            env["PYTHONPATH"] = _ROOT + os.pathsep + cfg.JAX_PATH
     t = time.perf_counter()
     try:
         res = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                             capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+                             capture_output=True, text=True, timeout=cfg.TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timeout after {TIMEOUT_S} s"}
+        return {**spec, "error": f"timeout after {cfg.TIMEOUT_S} s"}
     for line in res.stdout.splitlines():
         if line.startswith("RESULT "):
             out = json.loads(line[7:])
@@ -108,8 +108,8 @@ def run_one(spec):
     return {**spec, "error": tail[0][:300]}
 
 
-def jax_available():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, JAX_PATH) if p))
+def jax_available(jax_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_ROOT, jax_path) if p))
     return subprocess.run([sys.executable, "-c", "import jax"], env=env, capture_output=True).returncode == 0
 
 
@@ -125,21 +125,23 @@ def main(argv=None):
     from configurator import configure
     cfg = configure(globals(), sys.argv[1:] if argv is None else argv)
     import psutil
-    specs = [dict(model=m, size=s, batch=BATCH, steps=STEPS, mode=THROUGHPUT_MODE) for m in MODELS for s in SIZES]
-    for mode in MODES:
-        if mode == THROUGHPUT_MODE and MODE_SIZE in SIZES and "figure3" in MODELS:
+    import runfiles
+    specs = [dict(model=m, size=s, batch=cfg.BATCH, steps=cfg.STEPS, mode=cfg.THROUGHPUT_MODE)
+             for m in cfg.MODELS for s in cfg.SIZES]
+    for mode in cfg.MODES:
+        if mode == cfg.THROUGHPUT_MODE and cfg.MODE_SIZE in cfg.SIZES and "figure3" in cfg.MODELS:
             continue  # already in the table
-        if mode == "jax" and not jax_available():
+        if mode == "jax" and not jax_available(cfg.JAX_PATH):
             print("jax not importable: mode 'jax' skipped (pip install --target DIR jax; --JAX_PATH=DIR)")
             continue
-        specs.append(dict(model="figure3", size=MODE_SIZE, batch=BATCH, steps=MODE_STEPS, mode=mode))
+        specs.append(dict(model="figure3", size=cfg.MODE_SIZE, batch=cfg.BATCH, steps=cfg.MODE_STEPS, mode=mode))
 
     header = (f"{'model':<8} {'size':>4} {'mode':<18} {'build_s':>7} {'first_s':>9} {'ms/step':>9} "
               f"{'slices/s':>8} {'peak_MiB':>9} {'load':>5}")
-    print(f"batch {BATCH}; {psutil.cpu_count()} CPUs; each row a fresh process\n{header}")
+    print(f"batch {cfg.BATCH}; {psutil.cpu_count()} CPUs; each row a fresh process\n{header}")
     results = []
     for spec in specs:
-        r = run_one(spec)
+        r = run_one(spec, cfg)
         results.append(r)
         print(fmt(r), flush=True)
     info = {"python": platform.python_version(), "cpus": psutil.cpu_count(),
@@ -150,10 +152,9 @@ def main(argv=None):
         info.update(tensorflow=tf.__version__, keras=keras.__version__)
     except ImportError:
         pass
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT, "w") as f:
-        json.dump({"config": cfg, "machine": info, "results": results}, f, indent=2)
-    print(f"wrote {OUT}")
+    os.makedirs(os.path.dirname(cfg.OUT), exist_ok=True)
+    runfiles.write_json(cfg.OUT, {"config": cfg, "machine": info, "results": results})
+    print(f"wrote {cfg.OUT}")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
 
 # ---------------------------------------------------------------- constants
 SIZE = 400                 # input height = width
@@ -26,17 +26,31 @@ BATCH = 12                 # slices per step (thesis)
 VARIANT = "figure3"        # nasnet_v2 variant
 STEPS = 20                 # timed training steps (after the first step and the warm-up)
 WARMUP = 3                 # untimed steps after the first
-# (precision policy, jit_compile, grappler). grappler 0 disables TensorFlow's graph optimiser: on the 2-core
-# CPU it cut NASNet's first step by ~14 % but made each step ~1.7x slower; add ("mixed_float16", 0, 0) to see
-# it on a GPU. XLA comes last: its compile of NASNet's training step may not fit the time budget.
 MODES = (("float32", 0, 1), ("mixed_float16", 0, 1), ("mixed_float16", 1, 1))
+                           # (precision policy, jit_compile, grappler). grappler 0 disables TensorFlow's graph
+                           # optimiser: on the 2-core CPU it cut NASNet's first step by ~14 % but made each step
+                           # ~1.7x slower; add ("mixed_float16", 0, 0) to see it on a GPU. XLA comes last: its
+                           # compile of NASNet's training step may not fit the time budget.
 TIME_BUDGET_S = 230        # all modes together, seconds
 MIN_LEFT_S = 60            # do not start a mode with less time left than this
 MODE_MAX_S = 0             # at most this many seconds per mode (0 = whatever is left of the budget)
 
 
-def worker(policy, jit, grappler):
-    """One mode in this process. Works with Keras's TensorFlow backend (default) or JAX backend
+def _random_batch(size, batch):
+    """Random slices (batch, size, size, 1) and one-hot labels of a disk on each."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, size, size, 1)).astype("float32")
+    yy, xx = np.mgrid[:size, :size]
+    y = np.zeros((batch, size, size), "uint8")
+    for i in range(batch):
+        cy, cx = rng.uniform(30, size - 30, 2)
+        y[i][(yy - cy) ** 2 + (xx - cx) ** 2 < 150] = 1
+    return x, np.eye(2, dtype="float32")[y]
+
+
+def worker(policy, jit, grappler, cfg):
+    """One mode in this process, with the settings ``cfg`` (a dict) the parent ran with. Works with Keras's TensorFlow backend (default) or JAX backend
     (KERAS_BACKEND=jax, e.g. on a GPU machine with a CUDA build of JAX and no TensorFlow)."""
     t0 = time.perf_counter()
     import numpy as np
@@ -57,35 +71,29 @@ def worker(policy, jit, grappler):
         gpu_names = []
     import nasnet_v2 as nv
     keras.mixed_precision.set_global_policy(policy)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(BATCH, SIZE, SIZE, 1)).astype("float32")
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    y = np.zeros((BATCH, SIZE, SIZE), "uint8")
-    for i in range(BATCH):
-        cy, cx = rng.uniform(30, SIZE - 30, 2)
-        y[i][(yy - cy) ** 2 + (xx - cx) ** 2 < 150] = 1
-    y = np.eye(2, dtype="float32")[y]
+    size, batch, variant = cfg["SIZE"], cfg["BATCH"], cfg["VARIANT"]
+    x, y = _random_batch(size, batch)
     keras.utils.set_random_seed(0)
     t = time.perf_counter()
-    model = nv.get_model((SIZE, SIZE, 1), variant=VARIANT)
+    model = nv.get_model((size, size, 1), variant=variant)
     build_s = time.perf_counter() - t
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=nv.gdl_wce_loss, metrics=[nv.dice_coef],
                   jit_compile=bool(jit) if backend == "tensorflow" else True)
     t = time.perf_counter()
     model.train_on_batch(x, y)
     first_s = time.perf_counter() - t
-    for _ in range(WARMUP):
+    for _ in range(cfg["WARMUP"]):
         model.train_on_batch(x, y)
     times = []
-    for _ in range(STEPS):
+    for _ in range(cfg["STEPS"]):
         t = time.perf_counter()
         logs = model.train_on_batch(x, y, return_dict=True)   # returns numbers: the step has finished
         times.append(time.perf_counter() - t)
     step = float(np.median(times))
     out = {"backend": backend, "policy": policy, "jit_compile": bool(jit) if backend == "tensorflow" else True,
-           "grappler": bool(grappler), "size": SIZE, "batch": BATCH, "variant": VARIANT,
+           "grappler": bool(grappler), "size": size, "batch": batch, "variant": variant,
            "build_s": round(build_s, 2), "first_step_s": round(first_s, 2), "ms_per_step": round(1000 * step, 2),
-           "slices_per_s": round(BATCH / step, 1), "mean_ms_per_step": round(1000 * float(np.mean(times)), 2),
+           "slices_per_s": round(batch / step, 1), "mean_ms_per_step": round(1000 * float(np.mean(times)), 2),
            "loss_finite": bool(np.isfinite(float(logs["loss"]))), "process_s": round(time.perf_counter() - t0, 1),
            "gpus": gpu_names}
     if backend == "tensorflow" and gpu_names:
@@ -98,23 +106,24 @@ def worker(policy, jit, grappler):
 
 
 def main(argv=None):
+    import runfiles
     from configurator import configure
     cfg = configure(globals(), sys.argv[1:] if argv is None else argv)
     t_start = time.perf_counter()
     results = []
-    for policy, jit, grappler in MODES:
-        left = TIME_BUDGET_S - (time.perf_counter() - t_start)
-        if left < MIN_LEFT_S:
+    for policy, jit, grappler in cfg.MODES:
+        left = cfg.TIME_BUDGET_S - (time.perf_counter() - t_start)
+        if left < cfg.MIN_LEFT_S:
             results.append({"policy": policy, "jit_compile": bool(jit), "grappler": bool(grappler),
                             "skipped": f"only {left:.0f} s left"})
             print(json.dumps(results[-1]), flush=True)
             continue
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-                   PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p))
+                   PYTHONPATH=os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH", "")) if p))
         try:
             res = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", policy, str(int(jit)),
                                   str(int(grappler)), json.dumps(cfg)],
-                                 capture_output=True, text=True, timeout=min(left, MODE_MAX_S or left), env=env)
+                                 capture_output=True, text=True, timeout=min(left, cfg.MODE_MAX_S or left), env=env)
             lines = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
             if lines:
                 r = json.loads(lines[-1][7:])
@@ -123,20 +132,18 @@ def main(argv=None):
                      "error": ((res.stderr or res.stdout).strip().splitlines() or ["no output"])[-1][:400]}
         except subprocess.TimeoutExpired:
             r = {"policy": policy, "jit_compile": bool(jit), "grappler": bool(grappler),
-                 "error": f"timed out after {min(left, MODE_MAX_S or left):.0f} s"}
+                 "error": f"timed out after {min(left, cfg.MODE_MAX_S or left):.0f} s"}
         results.append(r)
         print(json.dumps(r), flush=True)
     doc = {"config": cfg, "results": results, "total_s": round(time.perf_counter() - t_start, 1)}
-    base = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results")
+    base = os.environ.get("OUT") or os.path.join(_ROOT, "benchmarks", "results")
     os.makedirs(base, exist_ok=True)
-    with open(os.path.join(base, "gpu_check.json"), "w") as f:
-        json.dump(doc, f, indent=2)
+    runfiles.write_json(os.path.join(base, "gpu_check.json"), doc)
     print(json.dumps(doc, indent=2))
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "--worker":
-        globals().update(json.loads(sys.argv[5]))   # the constants the parent ran with
-        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5]))
     else:
         main()

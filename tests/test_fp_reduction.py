@@ -1,27 +1,32 @@
-"""Stage 6 (fp_reduction.py): patches at world coordinates (flipped scans too), edge padding, a tiny end-to-end
-run (training a few steps, then the score-only contract on a run it did not train on, and --RESUME=1), LUNA16's
-candidates_V2.csv format, a failing scan, the blob candidates (BLOB_CANDIDATES: a ball found at its world position,
-nothing outside the lung mask, merging) and scoring on a dask LocalCluster (DASK_SCHEDULER). Hand-made stage-1 files (small, fast), no stage 2-5 needed: the
-stage-5 report is a candidates.csv and config.json written here."""
+"""Stage 6 (fp_reduction.py, with fp_patches.py and fp_net.py): patches at world coordinates (flipped scans too),
+edge padding, a tiny end-to-end run (training a few steps, then the score-only contract on a run it did not train
+on, and --RESUME=1, also after a kill in the middle of a checkpoint), LUNA16's candidates_V2.csv format, a failing
+scan, the blob candidates (candidates.detect_blobs: a ball found at its world position, nothing outside the lung
+mask, merging), scoring on a dask LocalCluster (DASK_SCHEDULER) and a run folder of the earlier layout. Hand-made
+stage-1 files (small, fast), no stage 2-5 needed: the stage-5 report is a candidates.csv and config.json written
+here."""
 import csv
-import importlib
+import glob
 import json
 import os
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
 
+import candidates
 import ct_io
+import fp_net
+import fp_patches
+import fp_reduction
 from ct_io import NODULE_DTYPE, Scan, write_scan_h5
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 IDENTITY = (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
 FLIPPED = (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)
-
-
-def fresh():
-    import fp_reduction
-    return importlib.reload(fp_reduction)
 
 
 def world_grid(shape, origin, spacing, direction):
@@ -42,7 +47,6 @@ def ball_volume(shape, origin, spacing, direction, balls, background=-850.0, noi
 
 @pytest.mark.parametrize("direction", [IDENTITY, FLIPPED], ids=["identity", "flipped"])
 def test_patch_centre_at_world_coordinates(direction):
-    fp = fresh()
     origin = (40.0, 30.0, -200.0) if direction == FLIPPED else (-40.0, -30.0, -200.0)
     spacing = (0.7, 0.8, 2.0)
     shape = (40, 110, 120)
@@ -51,7 +55,7 @@ def test_patch_centre_at_world_coordinates(direction):
     hu, _ = ball_volume(shape, origin, spacing, direction,
                         [(*centre, 4.0, 100.0), (*marker, 2.0, 600.0)])
     side = 25
-    patch = fp.extract_patches(hu, origin, spacing, direction, centre[None], side, 1.0)[0]
+    patch = fp_patches.extract_patches(hu, origin, spacing, direction, centre[None], side, 1.0)[0]
     assert patch.shape == (side, side, side)
     c = (side - 1) / 2
     from scipy import ndimage
@@ -65,19 +69,18 @@ def test_patch_centre_at_world_coordinates(direction):
 
 
 def test_candidate_at_edge_is_padded():
-    fp = fresh()
     origin, spacing = (10.0, 20.0, -100.0), (0.9, 0.9, 2.5)
     shape = (12, 30, 30)
     hu, _ = ball_volume(shape, origin, spacing, FLIPPED, [], background=-700, noise=30, seed=1)
     corner = ct_io.voxel_to_world(np.array([0.0, 0.0, 0.0]), origin, spacing, FLIPPED)
     beyond = ct_io.voxel_to_world(np.array([-20.0, 40.0, 45.0]), origin, spacing, FLIPPED)
-    patches = fp.extract_patches(hu, origin, spacing, FLIPPED, np.stack([corner, beyond]), 16, 1.0)
+    patches = fp_patches.extract_patches(hu, origin, spacing, FLIPPED, np.stack([corner, beyond]), 16, 1.0)
     assert patches.shape == (2, 16, 16, 16)
     assert np.isfinite(patches).all()
     assert patches.min() >= hu.min() - 1e-3 and patches.max() <= hu.max() + 1e-3   # edge voxels repeated
     c = 7.5
     assert abs(patches[0][8, 8, 8] - hu[0, 0, 0]) < 80          # near the corner voxel's value
-    x = fp.uint8_to_input(fp.to_uint8(patches, fp.HU_WINDOW))
+    x = fp_patches.uint8_to_input(fp_patches.to_uint8(patches, fp_reduction.HU_WINDOW))
     assert x.min() >= -1 and x.max() <= 1 and c
 
 
@@ -87,7 +90,7 @@ def test_candidate_at_edge_is_padded():
 def test_blob_detector_finds_sphere_at_world_position(direction):
     """A 6 mm ball in the lung is found at its world position (anisotropic voxels, flipped axes too); a brighter
     ball outside the lung mask (beyond its dilation) is not; vessels (tubes) rank below the ball."""
-    fp = fresh()
+    blob = candidates.BlobSettings()                    # stage 6's defaults
     origin = (60.0, 50.0, -120.0) if direction == FLIPPED else (-60.0, -50.0, -120.0)
     spacing = (0.8, 0.7, 2.0)
     shape = (40, 140, 150)
@@ -100,33 +103,32 @@ def test_blob_detector_finds_sphere_at_world_position(direction):
     hu[tube] = 30
     lung = np.zeros(shape, np.uint8)
     lung[2:38, 10:130, 10:110] = 1                      # the outside ball sits 25 voxels (20 mm) beyond it
-    xyz, resp = fp.detect_blobs(hu, lung, origin, spacing, direction, 5)
+    xyz, resp = candidates.detect_blobs(hu, lung, origin, spacing, direction, 5, blob=blob)
     assert 1 <= len(xyz) <= 5 and np.all(np.diff(resp) <= 0)
     assert np.linalg.norm(xyz[0] - inside) < 1.5, (xyz[0], inside)         # the strongest blob: the ball
     assert (np.linalg.norm(xyz - outside, axis=1) > 8.0).all()
-    assert (np.linalg.norm(xyz[:, None] - xyz[None], axis=2)[np.triu_indices(len(xyz), 1)] > fp.BLOB_MERGE_MM).all()
+    assert (np.linalg.norm(xyz[:, None] - xyz[None], axis=2)[np.triu_indices(len(xyz), 1)] > blob.merge_mm).all()
     # a stage-5 candidate 2 mm from the ball: the blob there is dropped, not duplicated
     near = inside + np.array([2.0, 0.0, 0.0])
-    xyz2, _ = fp.detect_blobs(hu, lung, origin, spacing, direction, 5, existing_xyz=near[None])
-    assert (np.linalg.norm(xyz2 - inside, axis=1) > fp.BLOB_MERGE_MM - 1.0).all()
-    assert fp.detect_blobs(hu, np.zeros_like(lung), origin, spacing, direction, 5)[0].shape == (0, 3)
+    xyz2, _ = candidates.detect_blobs(hu, lung, origin, spacing, direction, 5, existing_xyz=near[None], blob=blob)
+    assert (np.linalg.norm(xyz2 - inside, axis=1) > blob.merge_mm - 1.0).all()
+    assert candidates.detect_blobs(hu, np.zeros_like(lung), origin, spacing, direction, 5, blob=blob)[0].shape == (0, 3)
     # ranking: the Laplacian of Gaussian sees the vessel as a blob of 2/3 the ball's strength; the Hessian's
     # weakest curvature (BLOB_RANK="hessian", the default) all but ignores it
     on_tube = lambda p: np.linalg.norm(p[:, :2] - axis, axis=1) < 1.5
     for rank, most in (("hessian", 0.05), ("log", 1.0)):
-        fp.BLOB_RANK = rank
-        xyz, resp = fp.detect_blobs(hu, lung, origin, spacing, direction, 10)
+        xyz, resp = candidates.detect_blobs(hu, lung, origin, spacing, direction, 10,
+                                            blob=candidates.BlobSettings(rank=rank))
         assert np.linalg.norm(xyz[0] - inside) < 1.5 and on_tube(xyz[1:]).all()
         assert resp[1] < most * resp[0] and (rank == "hessian" or resp[1] > 0.5 * resp[0])
-    fp.BLOB_RANK = "hessian"
 
 
 def test_merge_far_drops_points_near_existing_and_stronger():
-    fp = fresh()
     pts = np.array([[0.0, 0, 0], [3.0, 0, 0], [20.0, 0, 0], [40.0, 0, 0], [60.0, 0, 0]])
-    assert fp.merge_far(pts, None, 10, merge_mm=5.0).tolist() == [0, 2, 3, 4]     # [3, 0, 0] next to [0, 0, 0]
-    assert fp.merge_far(pts, np.array([[19.0, 1, 0]]), 10, merge_mm=5.0).tolist() == [0, 3, 4]
-    assert fp.merge_far(pts, None, 2, merge_mm=5.0).tolist() == [0, 2]             # at most n
+    merge_far = candidates.merge_far
+    assert merge_far(pts, None, 10, merge_mm=5.0).tolist() == [0, 2, 3, 4]     # [3, 0, 0] next to [0, 0, 0]
+    assert merge_far(pts, np.array([[19.0, 1, 0]]), 10, merge_mm=5.0).tolist() == [0, 3, 4]
+    assert merge_far(pts, None, 2, merge_mm=5.0).tolist() == [0, 2]             # at most n
 
 
 # ----------------------------------------------------------------------------- a tiny cohort of stage-1 files
@@ -168,7 +170,7 @@ def make_scan(path, uid, seed, flipped):
 
 
 def make_run(work, seed, n_scans=6):
-    """Stage-1 files, split.json (train 3, val 1, test 2 scans) and a stage-5 report (6_report/candidates.csv of
+    """Stage-1 files, split.json (train 3, val 1, test 2 scans) and a stage-5 report (5_report/candidates.csv of
     the test part, config.json) with nodule hits, vessel false positives and random points. Returns
     {uid: (nodule rows, vessel points)}."""
     os.makedirs(os.path.join(work, "1_preprocessed"), exist_ok=True)
@@ -182,7 +184,7 @@ def make_run(work, seed, n_scans=6):
     os.makedirs(os.path.join(work, "3_split"), exist_ok=True)
     json.dump({k: {"patients": v, "series": v} for k, v in parts.items()},
               open(os.path.join(work, "3_split", "split.json"), "w"))
-    for name, part in (("6_report", "test"), ("6_report_all", "all")):
+    for name, part in (("5_report", "test"), ("5_report_all", "all")):
         rows = []
         for uid in (uids if part == "all" else parts[part]):
             nod, vessels = scans[uid]
@@ -212,7 +214,7 @@ TINY = ["--PATCH_MM=16", "--VOXEL_MM=2.0", "--WIDTH=4", "--BLOCKS=2", "--DENSE=8
 def trained(tmp_path_factory):
     work = str(tmp_path_factory.mktemp("fp_train"))
     make_run(work, seed=1)
-    rc = fresh().main([f"--WORK_DIR={work}", "--EPOCHS=1", f"--TRAIN_CANDIDATES={work}/6_report_all/candidates.csv",
+    rc = fp_reduction.main([f"--WORK_DIR={work}", "--EPOCHS=1", f"--TRAIN_CANDIDATES={work}/5_report_all/candidates.csv",
                        *TINY])
     assert rc == 0
     return work
@@ -235,7 +237,7 @@ def check_outputs(out, n_scans):
 
 
 def test_train_writes_every_output(trained):
-    out = os.path.join(trained, "7_fp_reduction")
+    out = os.path.join(trained, "6_fp_reduction")
     m, rows = check_outputs(out, 2)
     assert m["before"]["cpm"]["value"] is not None and m["after"]["cpm"]["value"] is not None
     assert m["training"]["patches"]["hard_negatives"] == 3 * 5            # vessels and random marks of 3 scans
@@ -253,9 +255,9 @@ def test_blob_candidates_end_to_end(tmp_path):
     none within BLOB_MERGE_MM of a stage-5 candidate, at most 4 a scan."""
     work = str(tmp_path / "blobs")
     make_run(work, seed=5)
-    rc = fresh().main([f"--WORK_DIR={work}", "--EPOCHS=1", "--BLOB_CANDIDATES=4", "--THRESHOLD=0.7", *TINY])
+    rc = fp_reduction.main([f"--WORK_DIR={work}", "--EPOCHS=1", "--BLOB_CANDIDATES=4", "--THRESHOLD=0.7", *TINY])
     assert rc == 0
-    out = os.path.join(work, "7_fp_reduction")
+    out = os.path.join(work, "6_fp_reduction")
     m, rows = check_outputs(out, 2)
     detail = list(csv.DictReader(open(os.path.join(out, "candidates_detail.csv"))))
     blobs = [r for r in detail if r["source"] == "blob"]
@@ -266,7 +268,7 @@ def test_blob_candidates_end_to_end(tmp_path):
     xyz = lambda r: np.array([float(r["coordX"]), float(r["coordY"]), float(r["coordZ"])])
     for b in blobs:
         assert min(np.linalg.norm(xyz(b) - xyz(c)) for c in stage5 if c["seriesuid"] == b["seriesuid"]) > 5.0
-    # training: no stage-5 candidates on the training scans (6_report covers the test part): blobs are the
+    # training: no stage-5 candidates on the training scans (5_report covers the test part): blobs are the
     # candidate patches there, hard negatives (vessels, noise) and positives (on the balls)
     patches = m["training"]["patches"]
     assert patches["positive_candidates"] == 3 * 2            # a blob on each training ball
@@ -276,16 +278,16 @@ def test_blob_candidates_end_to_end(tmp_path):
     model = os.path.join(out, "model.keras")
     for name, extra, n_blobs, threshold in (("again", [], len(blobs), 0.7),
                                              ("no_blobs", ["--BLOB_CANDIDATES=0", "--THRESHOLD=0.5"], 0, 0.5)):
-        assert fresh().main([f"--WORK_DIR={work}", f"--MODEL={model}", f"--OUT_DIR={tmp_path / name}", *extra]) == 0
+        assert fp_reduction.main([f"--WORK_DIR={work}", f"--MODEL={model}", f"--OUT_DIR={tmp_path / name}", *extra]) == 0
         ms = json.load(open(tmp_path / name / "metrics.json"))
         assert ms["timing"]["n_blob_candidates"] == n_blobs
         assert ms["after"]["operating_point"]["threshold"] == threshold
 
 
 def test_resume_continues(trained):
-    out = os.path.join(trained, "7_fp_reduction")
-    rc = fresh().main([f"--WORK_DIR={trained}", "--EPOCHS=2", "--RESUME=1",
-                       f"--TRAIN_CANDIDATES={trained}/6_report_all/candidates.csv", *TINY])
+    out = os.path.join(trained, "6_fp_reduction")
+    rc = fp_reduction.main([f"--WORK_DIR={trained}", "--EPOCHS=2", "--RESUME=1",
+                       f"--TRAIN_CANDIDATES={trained}/5_report_all/candidates.csv", *TINY])
     assert rc == 0
     state = json.load(open(os.path.join(out, "state.json")))
     assert state["epoch"] == 1 and len(state["history"]) == 2
@@ -295,10 +297,10 @@ def test_resume_continues(trained):
 def test_score_only_on_another_run(trained, tmp_path):
     work = str(tmp_path / "other")
     make_run(work, seed=2)
-    model = os.path.join(trained, "7_fp_reduction", "model.keras")
-    rc = fresh().main([f"--WORK_DIR={work}", "--SCANS=all", f"--MODEL={model}"])   # geometry from the model's config
+    model = os.path.join(trained, "6_fp_reduction", "model.keras")
+    rc = fp_reduction.main([f"--WORK_DIR={work}", "--SCANS=all", f"--MODEL={model}"])   # geometry from the model's config
     assert rc == 0
-    out = os.path.join(work, "7_fp_reduction")
+    out = os.path.join(work, "6_fp_reduction")
     m, rows = check_outputs(out, 2)               # stage 5 evaluated the 2 test scans: those are scored
     assert m["training"] is None
     assert not os.path.exists(os.path.join(out, "patches"))
@@ -319,9 +321,9 @@ def test_candidates_v2_format(trained, tmp_path):
             for v in vessels:
                 w.writerow([uid, *v, 0])
     # training on the file's candidates, then the test part scored
-    rc = fresh().main([f"--WORK_DIR={work}", f"--CANDIDATES={path}", "--EPOCHS=1", *TINY])
+    rc = fp_reduction.main([f"--WORK_DIR={work}", f"--CANDIDATES={path}", "--EPOCHS=1", *TINY])
     assert rc == 0
-    m, rows = check_outputs(os.path.join(work, "7_fp_reduction"), 2)
+    m, rows = check_outputs(os.path.join(work, "6_fp_reduction"), 2)
     assert m["before"] is None                   # no probability in the file: nothing to compare before
     assert m["training"]["patches"]["positive_candidates"] == 3 * 2
     assert m["after"]["candidate_recall"]["value"] == 1.0
@@ -334,21 +336,20 @@ def test_failing_scan_is_reported_and_skipped(trained, tmp_path, capsys):
     test_uid = sorted(scans)[-1]
     with open(os.path.join(work, "1_preprocessed", f"{test_uid}.h5"), "wb") as f:
         f.write(b"not hdf5")
-    model = os.path.join(trained, "7_fp_reduction", "model.keras")
-    rc = fresh().main([f"--WORK_DIR={work}", f"--MODEL={model}"])
+    model = os.path.join(trained, "6_fp_reduction", "model.keras")
+    rc = fp_reduction.main([f"--WORK_DIR={work}", f"--MODEL={model}"])
     assert rc == 1
     err = capsys.readouterr().err
     assert f"{test_uid}.h5: not an HDF5 file" in err
-    m = json.load(open(os.path.join(work, "7_fp_reduction", "metrics.json")))
+    m = json.load(open(os.path.join(work, "6_fp_reduction", "metrics.json")))
     assert m["n_scans"] == 2 and m["n_scans_failed"] == 1        # the failed scan counts in FP/scan
     assert m["timing"]["scans_scored"] == 1
 
 
 def test_auc_ranks_with_ties():
-    fp = fresh()
-    assert fp.auc([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.2]) == 1.0
-    assert fp.auc([1, 0], [0.5, 0.5]) == 0.5
-    assert fp.auc([0, 0], [0.1, 0.2]) is None
+    assert fp_net.auc([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.2]) == 1.0
+    assert fp_net.auc([1, 0], [0.5, 0.5]) == 0.5
+    assert fp_net.auc([0, 0], [0.1, 0.2]) is None
 
 
 def test_scoring_on_dask_matches_the_local_run(trained, tmp_path):
@@ -357,22 +358,22 @@ def test_scoring_on_dask_matches_the_local_run(trained, tmp_path):
     distributed = pytest.importorskip("distributed")
     work = str(tmp_path / "dask")
     scans = make_run(work, seed=6)
-    model = os.path.join(trained, "7_fp_reduction", "model.keras")
+    model = os.path.join(trained, "6_fp_reduction", "model.keras")
     common = [f"--WORK_DIR={work}", "--SCANS=all", f"--MODEL={model}", "--BLOB_CANDIDATES=3", "--TTA=2",
-              f"--CANDIDATES={work}/6_report_all/candidates.csv"]
+              f"--CANDIDATES={work}/5_report_all/candidates.csv"]
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                   silence_logs=40) as cluster:
         outs = {}
         for name, extra in (("local", []), ("dask", [f"--DASK_SCHEDULER={cluster.scheduler_address}"])):
             outs[name] = str(tmp_path / name)
-            assert fresh().main(common + [f"--OUT_DIR={outs[name]}"] + extra) == 0
+            assert fp_reduction.main(common + [f"--OUT_DIR={outs[name]}"] + extra) == 0
         with distributed.Client(cluster) as client:         # the scans ran on the workers: their cached models
-            cached = client.run(lambda: len(getattr(sys.modules.get("fp_reduction"), "_WORKER_MODELS", {})))
+            cached = client.run(lambda: len(getattr(sys.modules.get("fp_net"), "_WORKER_MODELS", {})))
         assert sorted(cached.values()) in ([0, 1], [1, 1]) and len(cached) == 2
         bad = sorted(scans)[1]
         with open(os.path.join(work, "1_preprocessed", f"{bad}.h5"), "wb") as f:
             f.write(b"not hdf5")
-        assert fresh().main(common + [f"--OUT_DIR={tmp_path / 'bad'}",
+        assert fp_reduction.main(common + [f"--OUT_DIR={tmp_path / 'bad'}",
                                       f"--DASK_SCHEDULER={cluster.scheduler_address}"]) == 1
     for name in ("candidates.csv", "candidates_detail.csv"):
         a, b = (list(csv.reader(open(os.path.join(outs[k], name)))) for k in ("local", "dask"))
@@ -383,3 +384,86 @@ def test_scoring_on_dask_matches_the_local_run(trained, tmp_path):
     mb = json.load(open(tmp_path / "bad" / "metrics.json"))
     assert mb["n_scans"] == 6 and mb["n_scans_failed"] == 1
     assert f"{bad}.h5: not an HDF5 file" in mb["failed_scans"][0]["error"]
+
+
+# ----------------------------------------------------------------------------- a kill in the middle of a checkpoint
+
+_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    name, n = os.environ["KILL_AT"].split(":") if os.environ.get("KILL_AT") else ("", "0")
+    seen, real = [0], os.replace
+    def replace(a, b):                 # SIGKILL just before the n-th rename of a file named *name
+        if name and str(a).endswith(name):
+            seen[0] += 1
+            if seen[0] == int(n):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(a, b)
+    os.replace = replace
+    import fp_reduction
+    sys.exit(fp_reduction.main(sys.argv[1:]))
+""")
+KILL_ARGS = ["--EPOCHS=3", *TINY]
+
+
+def _run_killable(args, kill_at=""):
+    env = dict(os.environ, KILL_AT=kill_at, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-c", _KILLER.format(root=ROOT), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _training_record(out):
+    """What a training run leaves, without its times: history rows, state, both networks' weights, the scores."""
+    import keras
+    untimed = lambda row: {k: v for k, v in row.items() if "seconds" not in k and k != "patches_per_s"}
+    hist = [untimed(r) for r in csv.DictReader(open(os.path.join(out, "history.csv")))]
+    state = json.load(open(os.path.join(out, "state.json")))
+    state.pop("train_seconds")
+    state["history"] = [untimed(r) for r in state["history"]]
+    weights = {n: keras.saving.load_model(os.path.join(out, n), compile=False).get_weights()
+               for n in ("model.keras", "last.keras")}
+    scores = open(os.path.join(out, "candidates_detail.csv")).read()
+    return hist, state, weights, scores
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """An uninterrupted 3-epoch training (in its own process, as the killed runs below)."""
+    work = str(tmp_path_factory.mktemp("fp_whole"))
+    make_run(work, seed=7)
+    p = _run_killable([f"--WORK_DIR={work}", *KILL_ARGS])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return os.path.join(work, "6_fp_reduction")
+
+
+@pytest.mark.parametrize("kill_at", ["state.json.tmp:2", "last.keras.tmp.keras:2"])
+def test_training_killed_in_a_checkpoint_resumes_to_the_same_model(uninterrupted, tmp_path, kill_at):
+    """SIGKILL in epoch 2's checkpoint (between last.keras's rename and state.json's, or before last.keras's),
+    then --RESUME=1: the same history, state, networks (best and last) and scores as the uninterrupted run;
+    epoch 2 is replayed only when its checkpoint was not complete."""
+    work = str(tmp_path / "work")
+    make_run(work, seed=7)
+    p = _run_killable([f"--WORK_DIR={work}", *KILL_ARGS], kill_at=kill_at)
+    assert p.returncode == -9, p.stdout[-2000:] + p.stderr[-2000:]
+    out = os.path.join(work, "6_fp_reduction")
+    assert glob.glob(os.path.join(out, "*.tmp*"))                 # the kill left temporary files
+    p = _run_killable([f"--WORK_DIR={work}", "--RESUME=1", *KILL_ARGS])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "resuming from" in p.stdout and "epoch 3:" in p.stdout
+    assert ("epoch 2:" in p.stdout) == kill_at.startswith("last.keras")
+    assert not glob.glob(os.path.join(out, "*.tmp*"))
+    h0, s0, w0, c0 = _training_record(uninterrupted)
+    h1, s1, w1, c1 = _training_record(out)
+    assert [r["epoch"] for r in h1] == ["0", "1", "2"] and h0 == h1 and s0 == s1
+    for name in w0:
+        for a, b in zip(w0[name], w1[name]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert c0 == c1
+
+
+def test_a_run_folder_of_the_earlier_layout_is_refused(tmp_path):
+    """A run folder whose stage-6 output is still named 7_fp_reduction/ is refused with how to rename it."""
+    work = tmp_path / "old"
+    (work / "7_fp_reduction").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="7_fp_reduction.*6_fp_reduction"):
+        fp_reduction.main([f"--WORK_DIR={work}"])
