@@ -265,8 +265,20 @@ def froc_summary(diameters, nodule_scores, fp_scores, n_scans, size_edges=None, 
     return metrics, curves
 
 
+def _nodule_block(rows):
+    """Sensitivity, thesis-rule sensitivity and per-nodule Dice (all, found) of some nodules.csv rows."""
+    found = np.array([r["found"] for r in rows], bool)
+    dices = np.array([r["dice"] for r in rows], np.float64)
+    labelled = ~np.isnan(dices)
+    return {"sensitivity": _fraction(found),
+            "thesis": _fraction([r["found_thesis_rule"] for r in rows])["value"],
+            "dice": float(dices[labelled].mean()) if labelled.any() else float("nan"),
+            "n_labelled": int(labelled.sum()),
+            "dice_found": float(dices[found & labelled].mean()) if (found & labelled).any() else float("nan")}
+
+
 def summarize(results, size_edges=None, rates=None, n_failed=0):
-    """Per-scan results (postprocess.evaluate_scan's dicts, one per evaluated scan) -> (the metrics dict written
+    """Per-scan results (evaluation.evaluate_scan's dicts, one per evaluated scan) -> (the metrics dict written
     to metrics.json, FROC curves overall and by size). ``n_failed`` scans of the part that failed count in
     FP/scan (as scans without candidates). Each result holds: nodules (one dict per included truth nodule:
     diameter_mm, found, found_thesis_rule, dice, candidate_prob), is_fp and is_ignored (the components at the
@@ -284,18 +296,8 @@ def summarize(results, size_edges=None, rates=None, n_failed=0):
     pooled = np.sum([res["dice_counts"] for res in results], axis=0) if results else np.zeros(3)
     pooled_ns = np.sum([res["dice_counts_nodule_slices"] for res in results], axis=0) if results else np.zeros(3)
 
-    def block(rows):
-        found = np.array([r["found"] for r in rows], bool)
-        dices = np.array([r["dice"] for r in rows], np.float64)
-        labelled = ~np.isnan(dices)
-        return {"sensitivity": _fraction(found),
-                "thesis": _fraction([r["found_thesis_rule"] for r in rows])["value"],
-                "dice": float(dices[labelled].mean()) if labelled.any() else float("nan"),
-                "n_labelled": int(labelled.sum()),
-                "dice_found": float(dices[found & labelled].mean()) if (found & labelled).any() else float("nan")}
-
-    overall = block(nod)
-    by_size = {name: block([r for r in nod if r["size_bin"] == name]) for name in size_bin_names(size_edges)}
+    overall = _nodule_block(nod)
+    by_size = {name: _nodule_block([r for r in nod if r["size_bin"] == name]) for name in size_bin_names(size_edges)}
     detection, curves = froc_summary([r["diameter_mm"] for r in nod], [r["candidate_prob"] for r in nod],
                                      fp_scores, max(n_scans, 1), size_edges, rates)
     D = DEFINITIONS

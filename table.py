@@ -20,10 +20,10 @@ of PIXEL_MM mm over a square of CROP_MM mm on the slice's centre, with the CONTE
 CONTEXT_MM mm apart along z (interpolated between slices): a nodule of a given size in mm then has one size in
 pixels whatever the scan's resolution, and a model trained on one cohort applies to another. The /truth
 labels are resampled on the same grid. PIXEL_MM=0 keeps the thesis's raw pixels: the crop rows/cols 57:457 of
-a 512-pixel slice (crop_box; CROP px), channels = neighbouring slices. ``InputGeometry``, ``network_input``
-and ``volume_inputs`` below are the only code computing it: postprocess.py imports them for inference (and
-maps the probability back onto the scan's voxel grid with the same geometry), so training and inference see
-the same numbers.
+a 512-pixel slice (crop_box; CROP px), channels = neighbouring slices. The library network_input.py
+(``InputGeometry``, ``network_input``, ``volume_inputs``) is the only code computing it: this stage and
+stage 5's inference (inference.py) both use it (inference maps the probability back onto the scan's voxel grid with
+the same geometry), so training and inference see the same numbers.
 
 Which slices: every slice a nodule label crosses, plus NEG_PER_SCAN slices without nodule pixels drawn with
 a seed (slices showing some lung first). THESIS_SLICES=True keeps the thesis's rule instead: the 3 slices
@@ -33,6 +33,7 @@ memory does not grow with the number of scans. A scan that cannot be used is rep
 skipped; the run ends with a summary and exits non-zero if any failed. The table is written under a
 temporary name and renamed when complete.
 """
+import contextlib
 import glob
 import json
 import os
@@ -44,8 +45,10 @@ from collections import deque
 
 import numpy as np
 
+import runfiles
 from configurator import configure, save_config
 from ct_io import read_scan_h5
+from network_input import InputGeometry, context_indexes, normalise_slices
 
 # ----------------------------------------------------------------------------- constants
 WORK_DIR = "work"              # root of a run; every stage reads and writes below it
@@ -67,203 +70,8 @@ COMPLEVEL = 5                  # compression level (thesis: blosc 5)
 N_WORKERS = 0                  # processes computing scans while this one appends (0 = all in this process)
 LIMIT = 0                      # use only the first LIMIT scans (0 = all)
 
-# thesis crop for 512-pixel slices: rows/cols 57:457 (400 px, centered on pixel 257)
-_THESIS_SIZE, _THESIS_CROP, _THESIS_CENTER = 512, 400, 257
 _UID_LEN = 64                  # DICOM UIDs are at most 64 characters
 _MAX_IDS = 16                  # nodule labels listed per slice row (more on one slice are cut: sampling only)
-
-
-# ----------------------------------------------------------------------------- the network input
-
-def crop_box(shape, crop=0):
-    """The raw-pixel crop (PIXEL_MM=0) of slices of ``shape`` (Y, X) (or (Z, Y, X)) -> (y0, x0, height, width).
-
-    ``crop`` 0 = the thesis's crop scaled to the slice size (57:457 on 512 px: 400 px); otherwise a square of
-    ``crop`` px (at most the slice), on the same center, clipped to the slice."""
-    ys, xs = int(shape[-2]), int(shape[-1])
-    box = []
-    for n in (ys, xs):
-        size = int(round(_THESIS_CROP * n / _THESIS_SIZE)) if not crop else min(int(crop), n)
-        start = int(round(_THESIS_CENTER * n / _THESIS_SIZE - size / 2.0))
-        box.append((min(max(start, 0), n - size), size))
-    return box[0][0], box[1][0], box[0][1], box[1][1]
-
-
-def axis_weights(n_out, n_in, start, step):
-    """(n_out, n_in) sparse (CSR) float32 linear-interpolation weights along one axis: output sample i lies at
-    input coordinate start + i * step (pixel centres). When step > 1 (fewer output samples than input pixels)
-    the tent widens to step input pixels, so a sample averages the pixels it covers (anti-aliasing). Samples
-    more than a tent away from the input get weight 0 (the value outside a slice and outside the lungs)."""
-    from scipy import sparse
-    pos = float(start) + float(step) * np.arange(n_out)
-    width = max(1.0, float(step))
-    reach = int(np.ceil(width))
-    cols = np.floor(pos)[:, None].astype(np.int64) + np.arange(-reach, reach + 2)[None, :]
-    w = np.clip(1.0 - np.abs(pos[:, None] - cols) / width, 0.0, None)
-    w[(cols < 0) | (cols >= n_in)] = 0.0
-    total = w.sum(axis=1, keepdims=True)
-    w = w / np.where(total > 0, total, 1.0)
-    rows = np.repeat(np.arange(n_out), cols.shape[1])
-    keep = w.ravel() > 0
-    return sparse.csr_matrix((w.ravel()[keep].astype(np.float32), (rows[keep], cols.ravel()[keep])),
-                             shape=(n_out, n_in))
-
-
-class InputGeometry:
-    """Where the network input of one scan comes from: the in-plane grid and the slices behind each channel.
-
-    PIXEL_MM > 0 (millimetre input): every slice resampled to square pixels of ``pixel_mm`` over a square of
-    ``crop_mm`` mm (rounded up to a multiple of 32 pixels) on the slice's centre (the thesis's raw crop is
-    centred half a pixel off it, which would shift a flipped scan's input by a pixel); channel c of slice z taken ``(c - C // 2) * context_mm`` mm
-    from it along z, linearly interpolated between the two nearest slices (clamped to the volume). A model
-    trained so sees a nodule of a given size in millimetres at one size in pixels, whatever the scan.
-    PIXEL_MM = 0 (the thesis's raw pixels): ``crop_box`` px of the slice itself, channels = neighbouring slices.
-    ``spacing`` is the scan's (x, y, z) spacing in mm as ITK gives it (only used for millimetre input)."""
-
-    def __init__(self, shape, spacing=None, crop=0, context_slices=1, pixel_mm=0.0, crop_mm=0.0, context_mm=0.0):
-        if context_slices < 1 or context_slices % 2 == 0:
-            raise ValueError(f"CONTEXT_SLICES must be odd and >= 1, got {context_slices}")
-        n_z, n_y, n_x = (int(v) for v in shape[-3:])
-        self.shape, self.context_slices = (n_z, n_y, n_x), int(context_slices)
-        self.pixel_mm = float(pixel_mm)
-        if self.pixel_mm > 0:
-            if spacing is None or min(float(v) for v in spacing) <= 0:
-                raise ValueError(f"millimetre input (PIXEL_MM={pixel_mm}) needs the scan's spacing, got {spacing}")
-            if crop_mm <= 0:
-                raise ValueError(f"CROP_MM must be > 0 with PIXEL_MM > 0, got {crop_mm}")
-            sx, sy, sz = (float(v) for v in spacing)
-            # whole 32-pixel blocks: the network halves its input five times (NASNet's taps need exact sizes)
-            side = max(int(np.ceil(round(crop_mm / self.pixel_mm, 6) / 32.0)) * 32, 32)
-            axes = []
-            for n, s in ((n_y, sy), (n_x, sx)):
-                step = self.pixel_mm / s                                      # input pixels per output pixel
-                center = (n - 1) / 2.0                                        # the slice's centre (pixels)
-                axes.append((side, center - step * (side - 1) / 2.0, step))
-            z_step = float(context_mm) / sz if context_mm > 0 else 1.0       # channel distance in slices
-        else:
-            y0, x0, h, w = crop_box((n_y, n_x), crop)
-            axes = [(h, float(y0), 1.0), (w, float(x0), 1.0)]
-            z_step = 1.0
-        (self.h, y_start, y_step), (self.w, x_start, x_step) = axes
-        self.wy = axis_weights(self.h, n_y, y_start, y_step)                 # input = wy @ slice @ wx.T
-        self.wx = axis_weights(self.w, n_x, x_start, x_step)
-        self.vy = axis_weights(n_y, self.h, -y_start / y_step, 1.0 / y_step)  # scan = vy @ input @ vx.T
-        self.vx = axis_weights(n_x, self.w, -x_start / x_step, 1.0 / x_step)
-        self.offsets = z_step * (np.arange(self.context_slices) - self.context_slices // 2)
-        # the scan pixels the input covers (y0, x0, height, width): the raw crop itself for PIXEL_MM = 0
-        ys, xs = np.unique(self.wy.indices), np.unique(self.wx.indices)
-        self.box = (int(ys[0]), int(xs[0]), int(ys[-1] - ys[0] + 1), int(xs[-1] - xs[0] + 1))
-
-    def channels(self, z):
-        """The channels of slice z as (k0, k1, t): (1 - t) * slice k0 + t * slice k1."""
-        out = []
-        for f in np.clip(int(z) + self.offsets, 0, self.shape[0] - 1):
-            k0 = int(np.floor(f))
-            k1, t = min(k0 + 1, self.shape[0] - 1), float(f - k0)
-            out.append((k0, k1, t) if t > 1e-6 else (k0, k0, 0.0))
-        return out
-
-    def slices_needed(self, z0, z1):
-        """The slice range [lo, hi) whose normalised slices the channels of slices z0 .. z1-1 read."""
-        lo = min(k0 for z in (z0, z1 - 1) for k0, _, _ in self.channels(z))
-        hi = max(k1 for z in (z0, z1 - 1) for _, k1, _ in self.channels(z)) + 1
-        return lo, hi
-
-    @staticmethod
-    def _apply(ay, ax, arr):
-        """ay @ slice @ ax.T for every slice of (k, n, m), ay and ax sparse -> float32 (k, ay rows, ax rows)."""
-        a = np.asarray(arr, np.float32)
-        k, n, m = a.shape
-        t = ay @ a.transpose(1, 0, 2).reshape(n, k * m)                   # (p, k*m): rows of every slice
-        t = t.reshape(-1, k, m).transpose(1, 0, 2).reshape(-1, m)          # (k*p, m)
-        out = (ax @ t.T).T                                                 # (k*p, q)
-        return np.ascontiguousarray(out.reshape(k, -1, ax.shape[0]), dtype=np.float32)
-
-    def to_input(self, arr):
-        """(k, Y, X) scan slices -> float32 (k, h, w) on the input grid."""
-        return self._apply(self.wy, self.wx, arr)
-
-    def to_scan(self, arr):
-        """(k, h, w) on the input grid (a probability, say) -> float32 (k, Y, X) on the scan's pixel grid
-        (0 outside what the input covers)."""
-        return self._apply(self.vy, self.vx, arr)
-
-    def stack(self, norm, lo, z):
-        """The (h, w, C) input of slice z from ``norm``: normalised input-grid slices lo, lo+1, ..."""
-        return np.stack([norm[k0 - lo] if t == 0 else (1 - t) * norm[k0 - lo] + t * norm[k1 - lo]
-                         for k0, k1, t in self.channels(z)], axis=-1)
-
-
-def normalise_slices(hu_slices, lung_slices, return_stats=False):
-    """HU slices (k, Y, X) and their lung masks -> float32 (k, Y, X): each slice z-scored with the mean and
-    standard deviation of the WHOLE slice, times the lung mask (the thesis's input, before the crop).
-    ``return_stats``: also the slices' HU means and SDs (k,) (what converts the input back to HU)."""
-    hu = np.asarray(hu_slices)
-    lung = np.asarray(lung_slices)
-    if hu.ndim == 2:
-        hu, lung = hu[None], lung[None]
-    flat = hu.reshape(hu.shape[0], -1)
-    mean = flat.mean(axis=1, dtype=np.float64)
-    std = flat.std(axis=1, dtype=np.float64)
-    std[std == 0] = 1.0                                   # a uniform slice: zeros, not NaN
-    out = hu.astype(np.float32)
-    out -= mean.astype(np.float32)[:, None, None]
-    out /= std.astype(np.float32)[:, None, None]
-    out *= lung > 0
-    return (out, mean, std) if return_stats else out
-
-
-def context_indexes(z, n_z, context_slices=1):
-    """The slices feeding the channels of slice z in raw-pixel input: z itself (1), or z-r..z+r clamped."""
-    if context_slices < 1 or context_slices % 2 == 0:
-        raise ValueError(f"CONTEXT_SLICES must be odd and >= 1, got {context_slices}")
-    r = context_slices // 2
-    return [min(max(z + d, 0), n_z - 1) for d in range(-r, r + 1)]
-
-
-def network_input(hu, lung_mask, z, crop=0, context_slices=1, spacing=None, pixel_mm=0.0, crop_mm=0.0,
-                  context_mm=0.0):
-    """The network input of slice z -> float32 (h, w, C), C = context_slices (see InputGeometry).
-
-    ``hu`` (Z, Y, X) and ``lung_mask`` (Z, Y, X) may be numpy arrays or PyTables/h5py datasets (only the
-    slices needed are read)."""
-    g = InputGeometry(hu.shape, spacing, crop, context_slices, pixel_mm, crop_mm, context_mm)
-    lo, hi = g.slices_needed(int(z), int(z) + 1)
-    norm = g.to_input(normalise_slices(np.asarray(hu[lo:hi]), np.asarray(lung_mask[lo:hi])))
-    return g.stack(norm, lo, int(z))
-
-
-def volume_inputs(hu, lung_mask, crop=0, context_slices=1, batch_size=16, spacing=None, pixel_mm=0.0,
-                  crop_mm=0.0, context_mm=0.0, slices=None):
-    """Network inputs of a whole volume, in order: yields (zs, x), zs the slice indexes of a batch and x float32
-    (len(zs), h, w, C) their inputs; the same numbers as ``network_input`` for each slice, each slice
-    normalised once. ``slices``: the slice indexes wanted (ascending; None = all)."""
-    g = InputGeometry(hu.shape, spacing, crop, context_slices, pixel_mm, crop_mm, context_mm)
-    wanted = np.arange(g.shape[0]) if slices is None else np.asarray(slices, int)
-    for b in range(0, len(wanted), batch_size):
-        zs = wanted[b:b + batch_size]
-        lo, hi = g.slices_needed(int(zs[0]), int(zs[-1]) + 1)
-        norm = g.to_input(normalise_slices(np.asarray(hu[lo:hi]), np.asarray(lung_mask[lo:hi])))
-        yield zs, np.stack([g.stack(norm, lo, int(z)) for z in zs])
-
-
-def table_settings(path):
-    """The input geometry a table was built with (what training records and inference must use): dict of
-    crop, context_slices, pixel_mm, crop_mm, context_mm, and the range of the scans' in-plane pixel sizes
-    (pixel_mm_range: what a raw-pixel model was trained on)."""
-    import tables
-    with tables.open_file(path, "r") as h5:
-        a = h5.root._v_attrs
-        names = a._v_attrnamesuser
-        out = dict(crop=int(a.CROP), context_slices=int(a.CONTEXT_SLICES),
-                   pixel_mm=float(a.PIXEL_MM) if "PIXEL_MM" in names else 0.0,
-                   crop_mm=float(a.CROP_MM) if "CROP_MM" in names else 0.0,
-                   context_mm=float(a.CONTEXT_MM) if "CONTEXT_MM" in names else 0.0)
-        rows = h5.root.slices
-        if rows.nrows and "scan_pixel_mm" in rows.colnames:
-            px = rows.col("scan_pixel_mm")
-            out["pixel_mm_range"] = [float(px.min()), float(px.max())]
-        return out
 
 
 # ----------------------------------------------------------------------------- slice selection
@@ -306,26 +114,33 @@ def select_slices(nodule_mask, lung_fraction, nodules, seriesuid, neg_per_scan=N
     return sorted(chosen.items())
 
 
+def _read_stage1(path):
+    """A stage-1 file's masks, nodules and attributes -> (scan dict, seriesuid, patient_id, (x, y, z) spacing).
+    Raises ValueError (one line naming the problem) for a file that cannot be used."""
+    import tables
+    if not os.path.isfile(path) or not tables.is_hdf5_file(path):
+        raise ValueError("not an HDF5 file (truncated or not written by preprocess.py)")
+    try:
+        scan = read_scan_h5(path, arrays=("lung_mask", "nodule_mask"))
+    except Exception as e:
+        raise ValueError(f"unreadable stage-1 file ({type(e).__name__}: {runfiles.one_line(e, 160)})") from None
+    attrs = scan["attrs"]
+    seriesuid = str(attrs.get("seriesuid", "")) or os.path.splitext(os.path.basename(path))[0]
+    patient_id = str(attrs.get("patient_id", "")) or seriesuid
+    if len(seriesuid) > _UID_LEN or len(patient_id) > _UID_LEN:
+        raise ValueError(f"seriesuid/patient_id longer than {_UID_LEN} characters")
+    spacing = [float(v) for v in np.asarray(attrs.get("spacing", (0, 0, 0))).reshape(-1)]
+    return scan, seriesuid, patient_id, spacing
+
+
 def scan_rows(path, crop=CROP, context_slices=CONTEXT_SLICES, neg_per_scan=NEG_PER_SCAN, seed=SEED,
               thesis_slices=THESIS_SLICES, thesis_min_mm=THESIS_MIN_MM, neg_min_lung=NEG_MIN_LUNG_FRACTION,
               pixel_mm=PIXEL_MM, crop_mm=CROP_MM, context_mm=CONTEXT_MM):
     """One stage-1 file -> (meta rows, data (k, h, w[, C]) float32, truth (k, h, w) uint8). Raises ValueError
     (one line naming the problem) for a file that cannot be used. Inputs and truth on the InputGeometry grid."""
     import tables
-    if not os.path.isfile(path) or not tables.is_hdf5_file(path):
-        raise ValueError("not an HDF5 file (truncated or not written by preprocess.py)")
-    try:
-        scan = read_scan_h5(path, arrays=("lung_mask", "nodule_mask"))
-    except Exception as e:                             # HDF5 messages end with their most specific line
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
-        detail = lines[-1] if isinstance(e, tables.HDF5ExtError) else lines[0]
-        raise ValueError(f"unreadable stage-1 file ({type(e).__name__}: {detail[:160]})") from None
+    scan, seriesuid, patient_id, spacing = _read_stage1(path)
     lung, nod_mask, attrs = scan["lung_mask"], scan["nodule_mask"], scan["attrs"]
-    seriesuid = str(attrs.get("seriesuid", "")) or os.path.splitext(os.path.basename(path))[0]
-    patient_id = str(attrs.get("patient_id", "")) or seriesuid
-    if len(seriesuid) > _UID_LEN or len(patient_id) > _UID_LEN:
-        raise ValueError(f"seriesuid/patient_id longer than {_UID_LEN} characters")
-    spacing = [float(v) for v in np.asarray(attrs.get("spacing", (0, 0, 0))).reshape(-1)]
     with tables.open_file(path, "r") as h5:
         hu = h5.root.hu
         if hu.ndim != 3 or hu.shape != lung.shape or hu.shape != nod_mask.shape:
@@ -433,7 +248,7 @@ class _TableWriter:
                 row.append()
             self.slices.flush()
         except (OSError, RuntimeError) as e:           # disk full, I/O error (HDF5ExtError is a RuntimeError)
-            raise OSError(_first_line(e)) from None
+            raise OSError(runfiles.one_line(e, 200)) from None
         self.n_rows += len(truth)
         self.truth_sum += int(np.count_nonzero(truth))
 
@@ -459,14 +274,7 @@ class _TableWriter:
                 if truth_sum != self.truth_sum:
                     raise OSError("the nodule masks read back differently")
         except (OSError, RuntimeError, KeyError, ValueError) as e:
-            raise OSError(_first_line(e)) from None
-
-
-def _first_line(e):
-    """An error's message in one line (of HDF5's back traces, the innermost cause)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith(("File ", "HDF5 error back trace", "End of HDF5"))]
-    return lines[-1][:200] if lines else type(e).__name__
+            raise OSError(runfiles.one_line(e, 200)) from None
 
 
 # ----------------------------------------------------------------------------- main
@@ -487,63 +295,77 @@ def _scan_job(args):
     try:
         return path, scan_rows(path, **kw), None
     except Exception as e:                              # reported by the main process, scan skipped
-        return path, None, str(e).splitlines()[0] if str(e) else type(e).__name__
+        return path, None, runfiles.one_line(e)
 
 
-def main(argv=None):
-    from tqdm import tqdm
-    cfg = configure(globals(), argv)
-    in_dir = IN_DIR or os.path.join(WORK_DIR, "1_preprocessed")
-    out_dir = OUT_DIR or os.path.join(WORK_DIR, "2_table")
+def _computed_scans(paths, kw, n_workers):
+    """(path, scan_rows' result or None, error line or None) per scan, in the order of ``paths``: computed here
+    (n_workers = 0) or by a pool of n_workers processes, at most 2 scans per worker in flight (memory stays
+    flat). The pool is shut down when the last result has been taken (use with contextlib.closing)."""
+    jobs = ((p, kw) for p in paths)
+    if n_workers <= 0:
+        yield from map(_scan_job, jobs)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+    pool = ProcessPoolExecutor(n_workers)
+    try:
+        pending = deque()
+        for job in jobs:
+            pending.append(pool.submit(_scan_job, job))
+            if len(pending) >= 2 * n_workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+        pool.shutdown()                # forked workers hold the table's descriptor (and its lock): end them before
+    finally:                           # the table is closed, or the read-back in close() cannot open the file
+        pool.shutdown(cancel_futures=True)
+
+
+def _scan_settings(cfg):
+    """scan_rows' keyword arguments from the run's settings."""
+    return dict(crop=cfg.CROP, context_slices=cfg.CONTEXT_SLICES, neg_per_scan=cfg.NEG_PER_SCAN, seed=cfg.SEED,
+                thesis_slices=cfg.THESIS_SLICES, thesis_min_mm=cfg.THESIS_MIN_MM,
+                neg_min_lung=cfg.NEG_MIN_LUNG_FRACTION, pixel_mm=cfg.PIXEL_MM, crop_mm=cfg.CROP_MM,
+                context_mm=cfg.CONTEXT_MM)
+
+
+def _table_attrs(cfg):
+    """The table file's attributes: the input geometry, the settings (JSON) and the input's definition."""
+    where = (f"resampled to {cfg.PIXEL_MM} mm pixels over {cfg.CROP_MM} mm, channels {cfg.CONTEXT_MM} mm apart"
+             if cfg.PIXEL_MM > 0 else "cropped by crop_box, channels = neighbouring slices")
+    return dict(CROP=cfg.CROP, CONTEXT_SLICES=cfg.CONTEXT_SLICES, PIXEL_MM=cfg.PIXEL_MM, CROP_MM=cfg.CROP_MM,
+                CONTEXT_MM=cfg.CONTEXT_MM, constants=json.dumps(cfg, default=str),
+                input_definition=f"(hu - mean(hu slice)) / std(hu slice) * (lung_mask > 0), {where}")
+
+
+def _stage1_files(cfg):
+    """(the stage-1 folder, its *.h5 files in name order, the first LIMIT when LIMIT > 0)."""
+    in_dir = cfg.IN_DIR or os.path.join(cfg.WORK_DIR, "1_preprocessed")
     paths = sorted(glob.glob(os.path.join(in_dir, "*.h5")))
-    if LIMIT:
-        paths = paths[:LIMIT]
-    if not paths:
-        print(f"{in_dir}: no stage-1 files (*.h5); run preprocess.py first", file=sys.stderr)
-        return 2
-    context_indexes(0, 1, CONTEXT_SLICES)               # refuses an even CONTEXT_SLICES before any work
-    out_path = os.path.join(out_dir, OUT_NAME)
-    tmp = out_path + ".tmp"
+    return in_dir, paths[:cfg.LIMIT] if cfg.LIMIT else paths
+
+
+def _prepare_output(out_dir, out_path):
+    """Create the output folder, remove the temporary files an interrupted run left there, and check that the
+    table's temporary file can be written. False (after one line on stderr) when the folder is not writable."""
     try:
         os.makedirs(out_dir, exist_ok=True)
-        stale = glob.glob(os.path.join(out_dir, "*.tmp"))
-        for p in stale:                                # left by an interrupted run (kill -9)
-            os.remove(p)
-        open(tmp, "wb").close()
+        stale = runfiles.clean_stale(out_dir)
+        open(runfiles.tmp_name(out_path), "wb").close()
     except OSError as e:
         print(f"{out_dir}: cannot write the output folder ({e.strerror or e})", file=sys.stderr)
-        return 2
+        return False
     if stale:
         print(f"{out_dir}: removed {len(stale)} temporary file(s) left by an interrupted run", file=sys.stderr)
-    kw = dict(crop=CROP, context_slices=CONTEXT_SLICES, neg_per_scan=NEG_PER_SCAN, seed=SEED,
-              thesis_slices=THESIS_SLICES, thesis_min_mm=THESIS_MIN_MM, neg_min_lung=NEG_MIN_LUNG_FRACTION,
-              pixel_mm=PIXEL_MM, crop_mm=CROP_MM, context_mm=CONTEXT_MM)
-    where = (f"resampled to {PIXEL_MM} mm pixels over {CROP_MM} mm, channels {CONTEXT_MM} mm apart" if PIXEL_MM > 0
-             else "cropped by crop_box, channels = neighbouring slices")
-    attrs = dict(CROP=CROP, CONTEXT_SLICES=CONTEXT_SLICES, PIXEL_MM=PIXEL_MM, CROP_MM=CROP_MM, CONTEXT_MM=CONTEXT_MM,
-                 constants=json.dumps(cfg, default=str),
-                 input_definition=f"(hu - mean(hu slice)) / std(hu slice) * (lung_mask > 0), {where}")
-    failed, n_rows, n_nod_rows, n_scans = [], 0, 0, 0
-    t0 = time.time()
-    writer = _TableWriter(tmp, CONTEXT_SLICES, COMPLIB, COMPLEVEL, attrs)
-    pool = None
-    try:
-        jobs = ((p, kw) for p in paths)
-        if N_WORKERS > 0:
-            from concurrent.futures import ProcessPoolExecutor
-            pool = ProcessPoolExecutor(N_WORKERS)
-            pending = deque()                          # at most 2 scans per worker in flight: memory stays flat
+    return True
 
-            def results():
-                for job in jobs:
-                    pending.append(pool.submit(_scan_job, job))
-                    if len(pending) >= 2 * N_WORKERS:
-                        yield pending.popleft().result()
-                while pending:
-                    yield pending.popleft().result()
-            stream = results()
-        else:
-            stream = map(_scan_job, jobs)
+
+def _append_scans(writer, paths, cfg):
+    """Compute every scan's rows and append them to ``writer``; a scan that fails is reported in one line and
+    skipped -> counts dict: n_scans, n_rows, n_nodule_rows, failed (paths)."""
+    from tqdm import tqdm
+    counts = dict(n_scans=0, n_rows=0, n_nodule_rows=0, failed=[])
+    with contextlib.closing(_computed_scans(paths, _scan_settings(cfg), cfg.N_WORKERS)) as stream:
         for path, res, err in tqdm(stream, total=len(paths), desc="table", unit="scan"):
             if err is None:
                 try:
@@ -551,41 +373,55 @@ def main(argv=None):
                 except ValueError as e:
                     err = str(e)
             if err is not None:
-                failed.append(path)
+                counts["failed"].append(path)
                 tqdm.write(f"{path}: {err}; skipped", file=sys.stderr)
                 continue
-            n_scans += 1
-            n_rows += len(res[0])
-            n_nod_rows += sum(m["n_nodule_pixels"] > 0 for m in res[0])
+            counts["n_scans"] += 1
+            counts["n_rows"] += len(res[0])
+            counts["n_nodule_rows"] += sum(m["n_nodule_pixels"] > 0 for m in res[0])
             del res
             _release_freed_memory()
-        if pool is not None:           # forked workers hold the file's descriptor (and its lock): end them first,
-            pool.shutdown()            # or the read-back in close() cannot open the file
-            pool = None
-        writer.attrs.update(n_scans=n_scans, n_failed=len(failed))
-        writer.close()
-        os.replace(tmp, out_path)
-    except OSError as e:                               # disk full or I/O error: one line, nothing left behind
-        if writer.h5.isopen:
-            writer.h5.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return counts
+
+
+def _write_table(out_path, paths, cfg):
+    """The table of every scan, written under a temporary name and renamed to ``out_path`` when complete and
+    read back whole (nothing is left when it fails: OSError) -> _append_scans' counts."""
+    with runfiles.atomic(out_path) as tmp:
+        writer = _TableWriter(tmp, cfg.CONTEXT_SLICES, cfg.COMPLIB, cfg.COMPLEVEL, _table_attrs(cfg))
+        try:
+            counts = _append_scans(writer, paths, cfg)
+            writer.attrs.update(n_scans=counts["n_scans"], n_failed=len(counts["failed"]))
+            writer.close()
+        finally:
+            if writer.h5.isopen:
+                writer.h5.close()
+    return counts
+
+
+def main(argv=None):
+    cfg = configure(globals(), argv)
+    in_dir, paths = _stage1_files(cfg)                   # 1. the stage-1 files
+    if not paths:
+        print(f"{in_dir}: no stage-1 files (*.h5); run preprocess.py first", file=sys.stderr)
+        return 2
+    context_indexes(0, 1, cfg.CONTEXT_SLICES)           # refuses an even CONTEXT_SLICES before any work
+    out_dir = cfg.OUT_DIR or os.path.join(cfg.WORK_DIR, "2_table")
+    out_path = os.path.join(out_dir, cfg.OUT_NAME)
+    if not _prepare_output(out_dir, out_path):          # 2. the output folder, writable and without stale files
+        return 2
+    t0 = time.time()
+    try:
+        counts = _write_table(out_path, paths, cfg)     # 3. every scan's rows into the table
+    except OSError as e:                                # disk full or I/O error: one line, nothing left behind
         print(f"{out_path}: writing failed, nothing written ({e})", file=sys.stderr)
         return 1
-    except BaseException:
-        if writer.h5.isopen:
-            writer.h5.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    save_config(cfg, out_dir)
+    save_config(cfg, out_dir)                           # 4. the settings beside the table
     dt = time.time() - t0
-    print(f"{out_path}: {n_rows} slices ({n_nod_rows} with nodule pixels) from {n_scans} scans "
-          f"in {dt:.1f} s ({n_rows / max(dt, 1e-9):.1f} slices/s); {len(failed)} scan(s) failed")
-    return 1 if failed else 0
+    print(f"{out_path}: {counts['n_rows']} slices ({counts['n_nodule_rows']} with nodule pixels) from "
+          f"{counts['n_scans']} scans in {dt:.1f} s ({counts['n_rows'] / max(dt, 1e-9):.1f} slices/s); "
+          f"{len(counts['failed'])} scan(s) failed")
+    return 1 if counts["failed"] else 0
 
 
 if __name__ == "__main__":

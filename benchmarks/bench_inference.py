@@ -1,10 +1,10 @@
-"""Inference seconds per scan and peak memory of postprocess.py's predictor (the network over every slice of a
+"""Inference seconds per scan and peak memory of stage 5's predictor (inference.Predictor) (the network over every slice of a
 512x512 scan, input geometry = table.py's defaults: PIXEL_MM mm pixels over CROP_MM mm, or the thesis's
 400x400 raw-pixel crop with --PIXEL_MM=0) and stage 5's TTA flips (--TTA=1: one pass), for the figure-3
 network (random weights: speed does not depend on them) and optionally the U-Net.
 
 Writes a synthetic 512 x 512 phantom (synthetic_ct.py) through stage 1 in a scratch folder, saves an
-untrained model per variant, and times postprocess.Predictor.predict on the scan in a fresh process each
+untrained model per variant, and times inference.Predictor.predict on the scan in a fresh process each
 (so peak RSS is that of one inference process). Writes benchmarks/results/bench_inference.json.
 
     python benchmarks/bench_inference.py [--VARIANTS=('figure3',) --N_SLICES=130]
@@ -16,8 +16,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 VARIANTS = ("figure3",)        # networks timed
@@ -28,28 +28,28 @@ CROP_MM = 300.0                # input side in mm (PIXEL_MM > 0)
 CONTEXT_SLICES = 3             # input channels (the demo's)
 CONTEXT_MM = 2.5               # channel distance in mm (PIXEL_MM > 0)
 TTA = 4                        # test-time flips averaged (postprocess.py's TTA: 1, 2 or 4)
-OUT_DIR = os.path.join(ROOT, "benchmarks", "results")   # where bench_inference.json goes
+OUT_DIR = os.path.join(_ROOT, "benchmarks", "results")   # where bench_inference.json goes
 
 
-def _child(work, model_path, tta):
+def _child(work, model_path, tta, batch_size):
     """Time one scan's prediction in this (fresh) process; print a RESULT line."""
     import glob
-    import postprocess
+    import inference
     from bench_preprocess import peak_mb      # VmHWM: this process's own peak, not its parent's
     import ct_io
     path = sorted(glob.glob(os.path.join(work, "1_preprocessed", "*.h5")))[0]
     scan = ct_io.read_scan_h5(path, arrays=("hu", "lung_mask"))
-    predictor = postprocess.Predictor(model_path, tta=int(tta))
+    predictor = inference.Predictor(model_path, tta=int(tta))
     t0 = time.perf_counter()
     spacing = scan["attrs"]["spacing"]
     g = predictor.geometry(scan["hu"].shape, spacing)
     predictor.model_for((g.h, g.w))
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    prob, _ = predictor.predict(scan["hu"], scan["lung_mask"], BATCH_SIZE, spacing)
+    prob, _ = predictor.predict(scan["hu"], scan["lung_mask"], int(batch_size), spacing)
     first_s = time.perf_counter() - t0                       # includes tracing the predict function once
     t0 = time.perf_counter()
-    predictor.predict(scan["hu"], scan["lung_mask"], BATCH_SIZE, spacing)
+    predictor.predict(scan["hu"], scan["lung_mask"], int(batch_size), spacing)
     second_s = time.perf_counter() - t0
     print("RESULT " + json.dumps({"tta": predictor.tta, "load_s": load_s, "first_scan_s": first_s, "scan_s": second_s,
                                   "s_per_slice": second_s / scan["hu"].shape[0], "shape": list(scan["hu"].shape),
@@ -59,35 +59,36 @@ def _child(work, model_path, tta):
 def main(argv=None):
     import configurator
     cfg = configurator.configure(globals(), argv)
-    os.makedirs(OUT_DIR, exist_ok=True)
+    os.makedirs(cfg.OUT_DIR, exist_ok=True)
     results = {}
     with tempfile.TemporaryDirectory() as work:
         import synthetic_ct
         import preprocess
         data = os.path.join(work, "data")
-        synthetic_ct.generate_cohort(data, N_SCANS=1, N_LIDC_SCANS=0, SEED=1, N_SLICES=(N_SLICES, N_SLICES))
+        synthetic_ct.generate_cohort(data, N_SCANS=1, N_LIDC_SCANS=0, SEED=1, N_SLICES=(cfg.N_SLICES, cfg.N_SLICES))
         preprocess.main(["--DATASET=luna16", f"--INPUT_DIR={data}/luna16", f"--WORK_DIR={work}", "--N_WORKERS=1"])
-        for variant in VARIANTS:
+        for variant in cfg.VARIANTS:
             model_path = os.path.join(work, f"{variant}.keras")
-            build = (f"import sys; sys.path.insert(0, {ROOT!r}); import nasnet_v2 as n; "
-                     f"n.get_model((400, 400, {CONTEXT_SLICES}), variant={variant!r}).save({model_path!r})")
+            build = (f"import sys; sys.path.insert(0, {_ROOT!r}); import nasnet_v2 as n; "
+                     f"n.get_model((400, 400, {cfg.CONTEXT_SLICES}), variant={variant!r}).save({model_path!r})")
             subprocess.run([sys.executable, "-c", build], check=True)
             with open(os.path.join(work, "config.json"), "w") as f:      # what training would record
-                json.dump({"CROP": 0, "CONTEXT_SLICES": CONTEXT_SLICES, "PIXEL_MM": PIXEL_MM, "CROP_MM": CROP_MM,
-                           "CONTEXT_MM": CONTEXT_MM}, f)
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", work, model_path, str(TTA)],
+                json.dump({"CROP": 0, "CONTEXT_SLICES": cfg.CONTEXT_SLICES, "PIXEL_MM": cfg.PIXEL_MM,
+                           "CROP_MM": cfg.CROP_MM, "CONTEXT_MM": cfg.CONTEXT_MM}, f)
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", work, model_path, str(cfg.TTA),
+                                str(cfg.BATCH_SIZE)],
                                capture_output=True, text=True)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             results[variant] = json.loads(line[-1][7:]) if line else {"error": (p.stderr or p.stdout)[-500:]}
             print(variant, json.dumps(results[variant]))
     doc = {"machine": f"{os.cpu_count()} cores", "config": cfg, "results": results}
-    with open(os.path.join(OUT_DIR, "bench_inference.json"), "w") as f:
+    with open(os.path.join(cfg.OUT_DIR, "bench_inference.json"), "w") as f:
         json.dump(doc, f, indent=2)
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
         _child(*sys.argv[2:])
     else:
         sys.exit(main())

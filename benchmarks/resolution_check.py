@@ -4,23 +4,23 @@ Takes a run's test scans (LUNA16-format .mhd of ``RUN/0_synthetic/luna16``, the 
 ``RUN/3_split/split.json``), resamples each in-plane by FACTOR with SimpleITK (coarser pixels over the same
 field of view, linear interpolation: the same patient, the same nodules at the same world coordinates, as a
 scanner with larger pixels would show them), copies the annotations, and runs stages 1 and 5 on the copy
-with the run's model. The run's own report (``RUN/6_report``) is the native-resolution result. Prints and
+with the run's model. The run's own report (``RUN/5_report``) is the native-resolution result. Prints and
 writes a by-size table of both (benchmarks/compare_runs.py's columns).
 
     python benchmarks/resolution_check.py --RUN=work/demo --FACTOR=1.6      # 512 px of ~0.75 mm -> 320 px of ~1.2 mm
 
 Writes OUT (default RUN/resolution_x<FACTOR>): luna16/ (the resampled scans), 1_preprocessed/, 5_predictions/,
-6_report/, and compare.md.
+5_report/, and compare.md.
 """
 import csv
 import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
 
-RUN = "work/demo"             # a run with 0_synthetic/luna16, 3_split/split.json, 4_model/MODEL_FILE, 6_report
+RUN = "work/demo"             # a run with 0_synthetic/luna16, 3_split/split.json, 4_model/MODEL_FILE, 5_report
 MODEL_FILE = "best.keras"     # which checkpoint of RUN/4_model (make demo evaluates last.keras)
 FACTOR = 1.6                  # in-plane pixel size multiplied by this (matrix divided by it)
 OUT = ""                      # "" = RUN/resolution_x<FACTOR>
@@ -52,20 +52,21 @@ def main(argv=None):
     import preprocess
     import postprocess
     from benchmarks import compare_runs
-    configurator.configure(globals(), argv)
-    out = OUT or os.path.join(RUN, f"resolution_x{FACTOR:g}")
-    src = os.path.join(RUN, "0_synthetic", "luna16")
-    series = set(json.load(open(os.path.join(RUN, "3_split", "split.json")))[PART]["series"])
+    cfg = configurator.configure(globals(), argv)
+    run, factor = cfg.RUN, cfg.FACTOR
+    out = cfg.OUT or os.path.join(run, f"resolution_x{factor:g}")
+    src = os.path.join(run, "0_synthetic", "luna16")
+    series = set(json.load(open(os.path.join(run, "3_split", "split.json")))[cfg.PART]["series"])
     scans = [os.path.join(dp, f) for dp, _, fs in os.walk(src) for f in fs
              if f.endswith(".mhd") and f[:-4] in series]
     if not scans:
-        raise SystemExit(f"{src}: none of the {len(series)} {PART} series found")
+        raise SystemExit(f"{src}: none of the {len(series)} {cfg.PART} series found")
     dst = os.path.join(out, "luna16", "subset0")
     os.makedirs(dst, exist_ok=True)
     for path in sorted(scans):
         target = os.path.join(dst, os.path.basename(path))
         if not os.path.isfile(target):
-            resample_inplane(path, target, FACTOR)
+            resample_inplane(path, target, factor)
     for name in ("annotations.csv", "annotations_excluded.csv"):
         if os.path.isfile(os.path.join(src, name)):
             with open(os.path.join(src, name)) as f:
@@ -73,13 +74,13 @@ def main(argv=None):
             with open(os.path.join(out, "luna16", name), "w", newline="") as f:
                 csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if r and r[0] in series])
     rc = preprocess.main(["--DATASET=luna16", f"--INPUT_DIR={out}/luna16", f"--WORK_DIR={out}",
-                          f"--N_WORKERS={N_WORKERS}"])
+                          f"--N_WORKERS={cfg.N_WORKERS}"])
     if rc:
         raise SystemExit(f"stage 1 failed on {out}/luna16")
-    model = os.path.join(RUN, "4_model", MODEL_FILE)
-    postprocess.main([f"--WORK_DIR={out}", "--SCANS=all", f"--MODEL={model}", *POST_ARGS])
+    model = os.path.join(run, "4_model", cfg.MODEL_FILE)
+    postprocess.main([f"--WORK_DIR={out}", "--SCANS=all", f"--MODEL={model}", *cfg.POST_ARGS])
     md = os.path.join(out, "compare.md")
-    compare_runs.main([f"--RUNS=('native={RUN}/6_report','x{FACTOR:g}={out}/6_report')", f"--OUT={md}"])
+    compare_runs.main([f"--RUNS=('native={run}/5_report','x{factor:g}={out}/5_report')", f"--OUT={md}"])
     print(open(md).read())
     return 0
 

@@ -1,10 +1,10 @@
-"""Millimetre network input (table.InputGeometry): one model for every scan resolution.
+"""Millimetre network input (network_input.InputGeometry): one model for every scan resolution.
 
 The same analytic phantom (a lung with a nodule at known world coordinates) is rendered at two resolutions
 (512 px of 0.7 mm and 320 px of 1.12 mm, slices 1.25 and 2.5 mm, one of them in LUNA16's flipped direction):
 - the network inputs agree within interpolation error, the nodule at the same input pixel;
 - the input grid maps back onto each scan's own voxel grid, where the nodule lands at its world coordinates;
-- a tiny model trained on one resolution finds the nodule at the other (postprocess.Predictor, config.json);
+- a tiny model trained on one resolution finds the nodule at the other (inference.Predictor, config.json);
 - PIXEL_MM=0 is the thesis's raw crop, exactly.
 """
 import json
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import ct_io
-import table
+import network_input
 
 FOV_MM = 358.4                  # both renderings cover the same field of view, centred on world (0, 0)
 NODULE_XYZ = (42.0, -30.0, 10.0)  # world mm of the nodule centre
@@ -80,8 +80,8 @@ def test_same_input_at_two_resolutions(two_resolutions):
     """The network input of the nodule's slice is the same picture at 0.7 and 1.12 mm pixels (the flipped scan
     shows it rotated by 180 degrees, as the network sees any flipped scan), within interpolation error."""
     (hu_a, lung_a, g_a), (hu_b, lung_b, g_b) = two_resolutions
-    xa = table.network_input(hu_a, lung_a, _centre_slice(g_a), spacing=g_a[1], **SETTINGS)
-    xb = table.network_input(hu_b, lung_b, _centre_slice(g_b), spacing=g_b[1], **SETTINGS)
+    xa = network_input.network_input(hu_a, lung_a, _centre_slice(g_a), spacing=g_a[1], **SETTINGS)
+    xb = network_input.network_input(hu_b, lung_b, _centre_slice(g_b), spacing=g_b[1], **SETTINGS)
     assert xa.shape == xb.shape == (448, 448, 3)                # 300 mm / 0.7 mm, up to 32-px blocks
     xb = xb[::-1, ::-1]                                        # undo the flip: same orientation as the first
     # the nodule: brightest lung structure, at the same input pixel in both (within a pixel)
@@ -94,7 +94,7 @@ def test_same_input_at_two_resolutions(two_resolutions):
     # the channels are CONTEXT_MM = 2.5 mm apart whatever the slice spacing: at 1.25 mm slices channel 0 is two
     # slices away, at 2.5 mm one; the nodule (radius 5 mm) is smaller 2.5 mm off its centre in both
     za = _centre_slice(g_a)
-    ref = table.network_input(hu_a, lung_a, za - 2, spacing=g_a[1], **dict(SETTINGS, context_slices=1))
+    ref = network_input.network_input(hu_a, lung_a, za - 2, spacing=g_a[1], **dict(SETTINGS, context_slices=1))
     np.testing.assert_allclose(xa[..., 0], ref[..., 0], atol=1e-5)
     ia, ib = tuple(np.round(pa).astype(int)), tuple(np.round(pb).astype(int))
     assert xa[ia][0] < xa[ia][1] and xb[ib][0] < xb[ib][1]
@@ -104,9 +104,9 @@ def test_input_grid_maps_back_to_world(two_resolutions):
     """A marker at the nodule's input pixel, mapped back onto each scan's own grid (as postprocess does with the
     probability), lands on the voxel of the nodule's world coordinates (flipped scan included)."""
     for hu, lung, (origin, spacing, direction) in two_resolutions:
-        g = table.InputGeometry(hu.shape, spacing, **SETTINGS)
+        g = network_input.InputGeometry(hu.shape, spacing, **SETTINGS)
         z = _centre_slice((origin, spacing, direction))
-        x = table.network_input(hu, lung, z, spacing=spacing, **SETTINGS)[..., 1]
+        x = network_input.network_input(hu, lung, z, spacing=spacing, **SETTINGS)[..., 1]
         marker = np.zeros((1, g.h, g.w), np.float32)
         near = _expected_pixel(g.h, SETTINGS["pixel_mm"], flipped=direction[0] < 0)
         marker[(0,) + tuple(np.round(_blob_centre(x, near)).astype(int))] = 1.0
@@ -127,10 +127,10 @@ def test_raw_pixels_are_the_thesis_crop():
     rng = np.random.default_rng(1)
     hu = rng.integers(-1000, 400, (4, 64, 64)).astype(np.int16)
     lung = np.ones(hu.shape, np.uint8)
-    g = table.InputGeometry(hu.shape, None, crop=0, context_slices=3)
-    assert g.box == table.crop_box(hu.shape) == (7, 7, 50, 50)
-    x = table.network_input(hu, lung, 2, context_slices=3)
-    norm = table.normalise_slices(hu, lung)
+    g = network_input.InputGeometry(hu.shape, None, crop=0, context_slices=3)
+    assert g.box == network_input.crop_box(hu.shape) == (7, 7, 50, 50)
+    x = network_input.network_input(hu, lung, 2, context_slices=3)
+    norm = network_input.normalise_slices(hu, lung)
     for c, k in enumerate((1, 2, 3)):
         np.testing.assert_array_equal(x[..., c], norm[k, 7:57, 7:57])
     back = g.to_scan(x[..., 1][None])[0]
@@ -140,24 +140,24 @@ def test_raw_pixels_are_the_thesis_crop():
 
 def test_mm_input_needs_the_spacing():
     with pytest.raises(ValueError, match="spacing"):
-        table.InputGeometry((3, 64, 64), None, pixel_mm=0.7, crop_mm=100.0)
+        network_input.InputGeometry((3, 64, 64), None, pixel_mm=0.7, crop_mm=100.0)
 
 
 def test_model_trained_at_one_resolution_finds_the_nodule_at_the_other(tmp_path):
-    """A tiny network trained on the coarse rendering (1.25 mm pixels) for a few hundred steps; postprocess's
+    """A tiny network trained on the coarse rendering (1.25 mm pixels) for a few hundred steps; inference's
     Predictor (geometry from config.json) finds the nodule on a fine rendering (0.625 mm pixels) at its world
     position, and the probability maps of both renderings agree in world space."""
     import keras
-    import postprocess
+    import inference
     keras.utils.set_random_seed(0)
     st = dict(context_slices=3, pixel_mm=1.5, crop_mm=150.0, context_mm=2.5)    # small: 100 px inputs
     coarse = render(128, 2.5, fov=160.0)
     fine = render(256, 1.25, fov=160.0, flipped=True)
     hu, lung, geom = coarse
     zc = _centre_slice(geom)
-    g = table.InputGeometry(hu.shape, geom[1], **st)
+    g = network_input.InputGeometry(hu.shape, geom[1], **st)
     zs = [zc - 1, zc, zc + 1, 0, hu.shape[0] - 1]
-    x = np.stack([table.network_input(hu, lung, z, spacing=geom[1], **st) for z in zs])
+    x = np.stack([network_input.network_input(hu, lung, z, spacing=geom[1], **st) for z in zs])
     zz, yy, xx = np.meshgrid(*(np.arange(n) for n in hu.shape), indexing="ij")
     w = ct_io.voxel_to_world(np.stack([zz.ravel(), yy.ravel(), xx.ravel()], 1), *geom)
     truth = (np.linalg.norm(w - np.array(NODULE_XYZ), axis=1) <= NODULE_R).reshape(hu.shape).astype(np.float32)
@@ -175,7 +175,7 @@ def test_model_trained_at_one_resolution_finds_the_nodule_at_the_other(tmp_path)
     model.save(path)
     (tmp_path / "config.json").write_text(json.dumps({"CROP": 0, "CONTEXT_SLICES": 3, "PIXEL_MM": 1.5,
                                                       "CROP_MM": 150.0, "CONTEXT_MM": 2.5}))
-    pred = postprocess.Predictor(path)
+    pred = inference.Predictor(path)
     centres = []
     for hu_r, lung_r, geom_r in (coarse, fine):
         prob, _ = pred.predict(hu_r, lung_r, batch_size=4, spacing=geom_r[1])
@@ -193,11 +193,11 @@ def test_volume_inputs_equal_network_input_in_mm(two_resolutions):
     """Inference's batched inputs (volume_inputs, all slices or a chosen few) = the table's per-slice inputs."""
     hu, lung, (origin, spacing, direction) = two_resolutions[1]
     st = dict(SETTINGS, crop_mm=120.0)
-    want = np.stack([table.network_input(hu, lung, z, spacing=spacing, **st) for z in range(hu.shape[0])])
-    got = np.concatenate([x for _, x in table.volume_inputs(hu, lung, batch_size=4, spacing=spacing, **st)])
+    want = np.stack([network_input.network_input(hu, lung, z, spacing=spacing, **st) for z in range(hu.shape[0])])
+    got = np.concatenate([x for _, x in network_input.volume_inputs(hu, lung, batch_size=4, spacing=spacing, **st)])
     np.testing.assert_allclose(got, want, atol=1e-6)
     pick = [0, 3, 4, 9, hu.shape[0] - 1]
-    parts = list(table.volume_inputs(hu, lung, batch_size=2, spacing=spacing, slices=pick, **st))
+    parts = list(network_input.volume_inputs(hu, lung, batch_size=2, spacing=spacing, slices=pick, **st))
     assert [list(zs) for zs, _ in parts] == [[0, 3], [4, 9], [hu.shape[0] - 1]]
     np.testing.assert_allclose(np.concatenate([x for _, x in parts]), want[pick], atol=1e-6)
 
@@ -206,14 +206,14 @@ def test_raw_pixel_model_outside_its_pixel_range_is_named_once(tmp_path, capsys)
     """A raw-pixel model (PIXEL_MM=0) trained on 1.1-1.8 mm pixels, applied to 0.7 mm scans: one line says so
     (not one per scan); scans inside the range say nothing."""
     import keras
-    import postprocess
+    import inference
     inp = keras.Input((None, None, 1))
     model = keras.Model(inp, keras.layers.Conv2D(2, 1, activation="softmax")(inp))
     path = str(tmp_path / "raw.keras")
     model.save(path)
     (tmp_path / "config.json").write_text(json.dumps({"CROP": 0, "CONTEXT_SLICES": 1, "PIXEL_MM": 0,
                                                       "PIXEL_MM_RANGE": [1.1, 1.8]}))
-    pred = postprocess.Predictor(path)
+    pred = inference.Predictor(path)
     hu = np.full((2, 64, 64), -800, np.int16)
     lung = np.ones(hu.shape, np.uint8)
     pred.predict(hu, lung, spacing=(1.4, 1.4, 2.5))

@@ -1,12 +1,13 @@
-"""metrics.py (and postprocess.evaluate_scan, which measures a scan's volumes for it) on hand-made volumes and
+"""metrics.py (and evaluation.evaluate_scan, which measures a scan's volumes for it) on hand-made volumes and
 candidate sets: every expected number below is worked out by hand, and the FROC / CPM is checked against an
 independent re-implementation of LUNA16's evaluation script."""
 import numpy as np
 import pytest
 
+import candidates
 import ct_io
+import evaluation
 import metrics
-import postprocess as pp
 
 IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)
 SHAPE = (24, 64, 64)
@@ -53,7 +54,7 @@ class Scan:
         self.prob[region] = np.maximum(self.prob[region], p)
 
     def evaluate(self):
-        return pp.evaluate_scan(self.prob, self.prob > 0.5, self.nodule_mask, table(*self.rows),
+        return evaluation.evaluate_scan(self.prob, self.prob > 0.5, self.nodule_mask, table(*self.rows),
                                 self.origin, self.spacing, self.direction, self.uid)
 
 
@@ -254,15 +255,15 @@ def test_components_and_min_size():
     mask[2:4, 5:7, 5:7] = True                             # 8 voxels
     prob = mask * 0.7
     prob[3, 6, 6] = 0.95
-    labels, comps = pp.find_components(mask, prob, min_voxels=2)
+    labels, comps = candidates.find_components(mask, prob, min_voxels=2)
     assert len(comps) == 1 and comps["n_voxels"][0] == 8
     assert comps["prob"][0] == pytest.approx(0.95)
     np.testing.assert_allclose([comps["center_z"][0], comps["center_y"][0], comps["center_x"][0]], (2.5, 5.5, 5.5))
     assert labels[1, 1, 1] == 0 and labels.max() == 1
     d = np.zeros((3, 3, 3), bool)
     d[0, 0, 0] = d[1, 1, 1] = True                         # corner neighbours: 1 component at 26-, 2 at 6-connectivity
-    assert len(pp.find_components(d, d * 1.0, connectivity=3)[1]) == 1
-    assert len(pp.find_components(d, d * 1.0, connectivity=1)[1]) == 2
+    assert len(candidates.find_components(d, d * 1.0, connectivity=3)[1]) == 1
+    assert len(candidates.find_components(d, d * 1.0, connectivity=1)[1]) == 2
 
 
 def test_size_bins():
@@ -274,10 +275,10 @@ def test_kmeans_binarize_thesis_option():
     rng = np.random.default_rng(0)
     prob = rng.uniform(0.0, 0.05, size=(2, 32, 32)).astype(np.float32)
     prob[0, 10:20, 10:20] = 0.9                            # a 10x10 blob
-    out = pp.binarize(prob, "kmeans", erosion=3)
+    out = evaluation.binarize(prob, "kmeans", erosion=3)
     assert out[0].sum() == 64 and out[0, 11:19, 11:19].all()   # the blob eroded by one pixel on each side
     assert out[1].any()                                    # like the original: noise always yields a foreground
-    assert (pp.binarize(prob, "threshold", 0.5) == (prob > 0.5)).all()
+    assert (evaluation.binarize(prob, "threshold", 0.5) == (prob > 0.5)).all()
 
 
 def test_failed_scans_count_in_fp_per_scan():
@@ -323,10 +324,10 @@ def test_max_candidates_cut():
     prob = np.zeros((4, 40, 40), np.float32)
     for i in range(12):
         prob[1:3, 3 * i + 1, 3 * (i % 3) + 2] = 0.10 + 0.05 * i
-    cands = pp.find_candidates(prob, threshold=0.05, max_candidates=5)
+    cands = candidates.find_candidates(prob, threshold=0.05, max_candidates=5)
     np.testing.assert_allclose(cands["prob"], [0.65, 0.60, 0.55, 0.50, 0.45], rtol=1e-6)
-    assert len(pp.find_candidates(prob, threshold=0.05, max_candidates=100)) == 12
-    assert len(pp.find_candidates(prob, threshold=0.32, max_candidates=100)) == 7      # 0.35 ... 0.65
+    assert len(candidates.find_candidates(prob, threshold=0.05, max_candidates=100)) == 12
+    assert len(candidates.find_candidates(prob, threshold=0.32, max_candidates=100)) == 7      # 0.35 ... 0.65
 
 
 def test_candidates_apart_from_the_mask():
@@ -359,10 +360,10 @@ def test_candidate_center_is_its_peak():
     prob = np.zeros((20, 40, 60), np.float32)
     prob[ball(prob.shape, (10, 20, 15), (3, 3, 3))] = 0.8                # the nodule
     prob[9:12, 19:22, 15:58] = np.maximum(prob[9:12, 19:22, 15:58], 0.1)  # a long faint vessel leaving it
-    c = pp.find_candidates(prob, threshold=0.05)
+    c = candidates.find_candidates(prob, threshold=0.05)
     assert len(c) == 1 and c["n_voxels"][0] > 300
     assert (c["center_z"][0], c["center_y"][0]) == pytest.approx((10, 20)) and c["center_x"][0] == pytest.approx(15)
-    whole = pp.find_candidates(prob, threshold=0.05, peak=0.0)
+    whole = candidates.find_candidates(prob, threshold=0.05, peak=0.0)
     assert whole["center_x"][0] > 25                                     # the vessel pulls the plain centroid away
 
 
@@ -378,9 +379,9 @@ def test_split_candidates_give_a_faint_nodule_on_a_vessel_its_own_candidate():
     prob[r <= 3] = (0.35 - 0.07 * r)[r <= 3]                               # faint nodule touching it: 0.35 -> 0.14
     big = ball(prob.shape, (10, 12, 40), (6, 6, 6))                        # large nodule, tiny ripples on ~0.99
     prob[big] = 0.99 + 0.005 * np.random.default_rng(0).random(int(big.sum()))
-    whole = pp.find_candidates(prob, threshold=0.05)
+    whole = candidates.find_candidates(prob, threshold=0.05)
     assert len(whole) == 2                                                  # the vessel + nodule, the big nodule
-    split = pp.find_candidates(prob, threshold=0.05, split_mm=5.0)
+    split = candidates.find_candidates(prob, threshold=0.05, split_mm=5.0)
     assert len(split) == 3
     assert split["prob"][0] > 0.99 and split["center_y"][0] == pytest.approx(12, abs=3)
     assert split["prob"][1] == pytest.approx(0.6)
@@ -388,11 +389,11 @@ def test_split_candidates_give_a_faint_nodule_on_a_vessel_its_own_candidate():
     assert faint["prob"] == pytest.approx(0.35, abs=1e-6)
     assert (faint["center_z"], faint["center_y"], faint["center_x"]) == pytest.approx((10, 34, 40), abs=0.5)
     assert faint["label"] == split["label"][1]                               # same component as the vessel
-    assert len(pp.find_candidates(prob, threshold=0.05, split_mm=5.0, max_candidates=2)) == 2
-    assert len(pp.find_candidates(prob, threshold=0.05, split_mm=5.0, spacing_zyx=(4.0, 1.0, 1.0))) == 3
+    assert len(candidates.find_candidates(prob, threshold=0.05, split_mm=5.0, max_candidates=2)) == 2
+    assert len(candidates.find_candidates(prob, threshold=0.05, split_mm=5.0, spacing_zyx=(4.0, 1.0, 1.0))) == 3
     flat = prob.copy()
     flat[r <= 3] = 0.35                                                     # no dip towards the vessel: no split
-    assert len(pp.find_candidates(flat, threshold=0.05, split_mm=5.0)) == 2
+    assert len(candidates.find_candidates(flat, threshold=0.05, split_mm=5.0)) == 2
 
 
 def luna16_froc(scans, rates=(0.125, 0.25, 0.5, 1, 2, 4, 8), max_marks=100):

@@ -34,7 +34,7 @@ def test_every_stage_output_exists_and_fits(pipeline_run):
         stage1 = ct_io.read_scan_h5(os.path.join(work, "1_preprocessed", p), arrays=("hu",))
         with tables.open_file(os.path.join(work, "5_predictions", p)) as h5:
             assert h5.root.prob.shape == h5.root.mask.shape == stage1["hu"].shape   # uncropped scan grid
-    report = os.path.join(work, "6_report")
+    report = os.path.join(work, "5_report")
     for f in ("metrics.json", "nodules.csv", "candidates.csv", "froc.png"):
         assert os.path.isfile(os.path.join(report, f)), f
     m = json.load(open(os.path.join(report, "metrics.json")))
@@ -63,7 +63,7 @@ def test_short_training_learned_where_the_nodules_are(pipeline_run):
     the untrained one's (which marks no nodule pixel)."""
     import keras
     import nasnet_v2
-    from postprocess import dice, dice_counts
+    from metrics import dice, dice_counts
     work, _ = pipeline_run
     idx = np.sort(np.load(os.path.join(work, "3_split", "test_idx.npy")))
     with tables.open_file(os.path.join(work, "2_table", "slices.h5")) as h5:
@@ -111,7 +111,7 @@ def test_compare_runs_tabulates_the_stage_outputs(pipeline_run, tmp_path):
     """benchmarks/compare_runs.py reads a run's report and training record as the stages wrote them."""
     from benchmarks import compare_runs
     work, _ = pipeline_run
-    report = os.path.join(work, "6_report")
+    report = os.path.join(work, "5_report")
     row = compare_runs.run_row("tiny", report)
     m = json.load(open(os.path.join(report, "metrics.json")))
     assert row["steps"] == 3 and row["input"] == "96x96x3" and row["variant"] == "figure3"
@@ -133,8 +133,8 @@ def test_appearance_check_tabulates_a_report_by_size(pipeline_run):
     FP/scan and CPM of the report as postprocess.py wrote them (no stage-6 folder: its columns are '-')."""
     from benchmarks import appearance_check
     work, _ = pipeline_run
-    report = os.path.join(work, "6_report")
-    rows, m = appearance_check.part_rows("held-out", report, os.path.join(work, "7_fp_reduction"))
+    report = os.path.join(work, "5_report")
+    rows, m = appearance_check.part_rows("held-out", report, os.path.join(work, "6_fp_reduction"))
     assert [r["size"] for r in rows] == list(m["size_bins_mm"]) + ["all"]
     for r in rows:
         s = m["sensitivity"] if r["size"] == "all" else m["sensitivity"]["by_size"][r["size"]]

@@ -9,7 +9,9 @@ import pytest
 
 import ct_io
 import metrics
+import inference
 import postprocess as pp
+import report
 
 # Keras's own get_weights/set_weights trip numpy 2's copy-keyword deprecation; not this project's code
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -96,14 +98,14 @@ def work(tmp_path_factory):
 
 def test_outputs_and_grid(work):
     import SimpleITK as sitk
-    import table
+    import network_input
     root, rc = work
     assert rc != 0                                             # the corrupt scan failed
     pred = root / "5_predictions"
     assert sorted(os.listdir(pred)) == ["1.1.h5", "1.1.nii.gz", "1.2.h5", "1.2.nii.gz", "1.3.h5", "1.3.nii.gz"]
-    y0, x0, h, w = table.crop_box(SHAPE)
+    y0, x0, h, w = network_input.crop_box(SHAPE)
     for uid in ("1.1", "1.2", "1.3"):
-        prob, mask, attrs = pp.read_prediction(str(pred / f"{uid}.h5"))
+        prob, mask, attrs = report.read_prediction(str(pred / f"{uid}.h5"))
         assert prob.shape == SHAPE and mask.shape == SHAPE and mask.dtype == np.uint8
         assert prob.dtype == np.float16
         outside = np.ones(SHAPE[1:], bool)
@@ -118,14 +120,14 @@ def test_outputs_and_grid(work):
         np.testing.assert_allclose(img.GetDirection(), scan["attrs"]["direction"], atol=1e-6)
         assert (sitk.GetArrayFromImage(img) == mask).all()
     # the easy model finds every nodule, on the identity and on the flipped scan
-    prob, mask, _ = pp.read_prediction(str(pred / "1.2.h5"))
+    prob, mask, _ = report.read_prediction(str(pred / "1.2.h5"))
     truth = ct_io.read_scan_h5(str(root / "1_preprocessed" / "1.2.h5"), arrays=("nodule_mask",))["nodule_mask"]
     assert metrics.dice(*metrics.dice_counts(mask, truth > 0)) > 0.6
 
 
 def test_report(work, capsys):
     root, rc = work
-    rep = root / "6_report"
+    rep = root / "5_report"
     for name in ("metrics.json", "nodules.csv", "candidates.csv", "candidates_detail.csv", "froc.png", "config.json"):
         assert (rep / name).is_file(), name
     m = json.loads((rep / "metrics.json").read_text())
@@ -158,7 +160,7 @@ def test_report(work, capsys):
     assert sorted(os.listdir(rep / "pictures" / "mip")) == ["1.1.png", "1.2.png", "1.3.png"]
     assert json.loads((rep / "config.json").read_text())["N_PICTURES"] == 2
     assert not [f for f in os.listdir(root / "5_predictions") if ".tmp" in f]
-    pp.print_table(m)                                          # the printed tables read metrics.json as written
+    report.print_table(m)                                          # the printed tables read metrics.json as written
     out = capsys.readouterr().out
     assert "1/8" in out and "recall" in out and out.count("100.0%") >= 7 + 3
 
@@ -170,23 +172,23 @@ def test_rerun_reuses_predictions_and_all_scans(work):
     stale.write_bytes(b"half")
     rc = pp.main([f"--WORK_DIR={root}", "--SCANS=all", "--N_PICTURES=0", "--WRITE_MIP=0"])
     assert rc != 0 and not stale.exists()
-    m = json.loads((root / "6_report" / "metrics.json").read_text())
+    m = json.loads((root / "5_report" / "metrics.json").read_text())
     assert m["n_scans"] == 4 and m["timing"]["scans_predicted"] == 1      # only 2.1 was new
     assert os.path.getmtime(root / "5_predictions" / "1.1.h5") == before
-    assert pp.N_PICTURES == 8                                            # main restored the file's constants
+    assert pp.N_PICTURES == 8                                            # main never changes the file's constants
 
 
 def test_model_with_fixed_input_size_is_rebuilt(tmp_path):
     """A nasnet_v2 network trained at one size predicts slices of another size with the same weights."""
     import nasnet_v2
     model = nasnet_v2.get_model((32, 32, 1), variant="unet", base_filters=2, depth=2)
-    big = pp.rebuild_model(model, (50, 50, 1))
+    big = inference.rebuild_model(model, (50, 50, 1))
     assert big.input_shape == (None, 50, 50, 1) and big.output_shape == (None, 50, 50, 2)
     for a, b in zip(model.get_weights(), big.get_weights()):
         np.testing.assert_array_equal(a, b)
     path = str(tmp_path / "fixed.keras")
     model.save(path)
-    pr = pp.Predictor(path)
+    pr = inference.Predictor(path)
     hu = np.full((3, 64, 64), -800, np.int16)
     prob, box = pr.predict(hu, np.ones(hu.shape, np.uint8), batch_size=2)
     assert prob.shape == hu.shape and (box[0].stop - box[0].start, box[1].stop - box[1].start) == (50, 50)
@@ -197,14 +199,14 @@ def test_newer_stage1_file_invalidates_the_cache(work):
     cache key holds the stage-1 file's path, size and modification time), the other scans' predictions are."""
     root, _ = work
     stage1, pred = root / "1_preprocessed" / "1.3.h5", root / "5_predictions" / "1.3.h5"
-    old_key = json.loads(pp.read_prediction(str(pred))[2]["key"])
+    old_key = json.loads(report.read_prediction(str(pred))[2]["key"])
     st = os.stat(stage1)
     os.utime(stage1, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))     # as rewritten one second later
     rc = pp.main([f"--WORK_DIR={root}", "--N_PICTURES=0", "--WRITE_MIP=0"])
     assert rc != 0                                                        # 1.9 still fails
-    m = json.loads((root / "6_report" / "metrics.json").read_text())
+    m = json.loads((root / "5_report" / "metrics.json").read_text())
     assert m["timing"]["scans_predicted"] == 1                            # 1.3 only; 1.1 and 1.2 reused
-    new_key = json.loads(pp.read_prediction(str(pred))[2]["key"])
+    new_key = json.loads(report.read_prediction(str(pred))[2]["key"])
     assert new_key["stage1"]["mtime_ns"] == old_key["stage1"]["mtime_ns"] + 10 ** 9
     assert new_key["stage1"]["path"] == os.path.abspath(stage1) and new_key["stage1"]["bytes"] == st.st_size
 
@@ -219,7 +221,7 @@ def test_crop_trained_nasnet_is_rebuilt_for_whole_inputs(tmp_path, variant):
     path = str(tmp_path / "crop.keras")
     model.save(path)
     (tmp_path / "config.json").write_text(json.dumps({"CROP": 96, "CONTEXT_SLICES": 1, "PIXEL_MM": 0}))
-    pr = pp.Predictor(path)
+    pr = inference.Predictor(path)
     hu = np.full((2, 128, 128), -800, np.int16)
     prob, box = pr.predict(hu, np.ones(hu.shape, np.uint8), batch_size=2)
     assert prob.shape == hu.shape and np.isfinite(prob).all()
@@ -246,15 +248,15 @@ def test_test_time_flips_average_the_flipped_scans(tmp_path):
     lung = np.ones(hu.shape, np.uint8)
 
     def plain(axes):               # TTA=1 on the flipped scan, flipped back
-        p, _ = pp.Predictor(path).predict(np.flip(hu, axes).copy(), lung, batch_size=2)
+        p, _ = inference.Predictor(path).predict(np.flip(hu, axes).copy(), lung, batch_size=2)
         return np.flip(p, axes)
     views = [plain(()), plain((2,)), plain((1,)), plain((1, 2))]
     assert np.abs(views[0] - views[1]).max() > 0.05                      # the flips matter for this network
     for n in (2, 4):
-        pr = pp.Predictor(path, tta=n)
+        pr = inference.Predictor(path, tta=n)
         prob, _ = pr.predict(hu, lung, batch_size=2)
         np.testing.assert_allclose(prob, np.mean(views[:n], axis=0), atol=1e-6)
         assert pr.signature()["tta"] == n                               # a TTA prediction is cached apart
-    assert "tta" not in pp.Predictor(path).signature()                  # TTA=1 keeps the earlier cache keys
+    assert "tta" not in inference.Predictor(path).signature()                  # TTA=1 keeps the earlier cache keys
     with pytest.raises(ValueError, match="TTA"):
-        pp.Predictor(path, tta=3)
+        inference.Predictor(path, tta=3)

@@ -423,7 +423,7 @@ def test_preprocess_killed_part_way_then_rerun_equals_an_uninterrupted_run(tiny,
     assert len([f for f in left if f.endswith(".h5")]) == 2 and len([f for f in left if f.endswith(".tmp")]) == 1
     p = _run_killable("preprocess", args + [f"--WORK_DIR={killed}"])
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "removed 1 temporary file(s) left by an interrupted run" in p.stderr
+    assert "removed 1 temporary file(s) of an interrupted run" in p.stderr
     assert "3 done, 2 skipped" in p.stderr
     a, b = _stage1_contents(whole), _stage1_contents(killed)
     assert sorted(a) == sorted(b) == sorted(_uid(m) + ".h5" for m in mhds)

@@ -27,13 +27,16 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 sys.path.insert(0, os.getcwd())
 import numpy as np
 import nasnet_v2
+import checkpoints
+import configurator
 import nasnet_v2_train as T
 if backend == "tensorflow":
     import tensorflow as tf
     tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
                                                [tf.config.LogicalDeviceConfiguration() for _ in range(2)])
 import keras
-T.VARIANT, T.BATCH_SIZE, T.BN_MOMENTUM, T.OPTIMIZER, T.LR = "unet", 4, 0.9, "sgd", 1e-2
+cfg = configurator.configure(vars(T), ["--VARIANT=unet", "--BATCH_SIZE=4", "--BN_MOMENTUM=0.9", "--OPTIMIZER=sgd",
+                                        "--LR=1e-2"])
 get_model = nasnet_v2.get_model
 nasnet_v2.get_model = lambda shape, **kw: get_model(shape, **dict(kw, base_filters=4, depth=2))
 rng = np.random.default_rng(0)
@@ -44,25 +47,25 @@ x += 2.0 * m[..., None]
 y = np.stack([1 - m, m], -1).astype("float32")
 runs = {}
 for name, distribute in (("one", ""), ("two", "data_parallel")):
-    T.DISTRIBUTE = distribute
-    devices = T.distribute()
+    cfg = cfg.replace(DISTRIBUTE=distribute)
+    devices = T.distribute(cfg)
     keras.utils.set_random_seed(0)
-    model = T.build_model((32, 32, 1))
+    model = T.build_model((32, 32, 1), cfg, devices)
     model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
     nasnet_v2.reestimate_bn_statistics(model, [x[:4], x[4:8]])
     ckpt = os.path.join(folder, name)
     os.makedirs(ckpt)
-    T.save_checkpoint(model, ckpt, {"epoch": 0}, [{"epoch": 0}])
-    if T._mirrored():
+    checkpoints.save_checkpoint(model, ckpt, {"epoch": 0}, [{"epoch": 0}])
+    if T._mirrored(devices):
         T._register_global_batch_loss()
     model = keras.saving.load_model(os.path.join(ckpt, "last.keras"))
-    state, _ = T.recover_checkpoint(ckpt, model)
+    state, _ = checkpoints.recover_checkpoint(ckpt, model)
     assert state["epoch"] == 0, state
     model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
     runs[f"{name}_devices"] = devices
-    runs[f"{name}_pred"] = T._predict(model, x[:3])
+    runs[f"{name}_pred"] = T._predict(model, x[:3], devices)
     runs.update({f"{name}_w{i}": np.asarray(w) for i, w in enumerate(model.get_weights())})
-    T.undistribute()
+    T.undistribute(cfg)
 np.savez(out, **runs)
 """
 
@@ -185,6 +188,7 @@ def test_stage5_on_dask_matches_the_local_run(pool_run, cluster, tmp_path):
     """postprocess.py --DASK_SCHEDULER: predictions, candidates, nodules and metrics equal the local run's."""
     import nasnet_v2
     import postprocess
+    from report import read_prediction
     _, work = pool_run
     model = nasnet_v2.get_model((128, 128, 1), variant="unet", base_filters=4, depth=2, bn_momentum=None)
     path = str(tmp_path / "model.keras")
@@ -201,7 +205,7 @@ def test_stage5_on_dask_matches_the_local_run(pool_run, cluster, tmp_path):
     uids = sorted(os.listdir(pl))
     assert len(uids) == 6 and sorted(os.listdir(pd)) == uids
     for u in uids:
-        a, b = postprocess.read_prediction(os.path.join(pl, u)), postprocess.read_prediction(os.path.join(pd, u))
+        a, b = read_prediction(os.path.join(pl, u)), read_prediction(os.path.join(pd, u))
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), f"{u}: prediction differs"
     for name in ("candidates.csv", "nodules.csv"):
         assert list(csv.reader(open(os.path.join(rl, name)))) == list(csv.reader(open(os.path.join(rd, name))))

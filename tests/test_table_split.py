@@ -19,6 +19,7 @@ import tables
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import network_input  # noqa: E402
 from ct_io import NODULE_DTYPE, Scan, read_scan_h5, write_scan_h5  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def make_stage1_scan(path, uid, patient_id, size=64, n_z=16, seed=0, subset=None
 
 
 def fresh(module_name):
-    """The module re-imported: configure() writes overrides into module globals, so each run starts clean."""
+    """The module re-imported: each run starts from a freshly imported module."""
     return importlib.reload(importlib.import_module(module_name))
 
 
@@ -80,33 +81,31 @@ def small_cohort(tmp_path):
 # ----------------------------------------------------------------------------- the network input
 
 def test_crop_box_thesis_numbers():
-    import table
-    assert table.crop_box((512, 512)) == (57, 57, 400, 400)
-    assert table.crop_box((300, 512, 512), crop=400) == (57, 57, 400, 400)
-    assert table.crop_box((64, 64)) == (7, 7, 50, 50)
-    y0, x0, h, w = table.crop_box((128, 96), crop=80)
+    assert network_input.crop_box((512, 512)) == (57, 57, 400, 400)
+    assert network_input.crop_box((300, 512, 512), crop=400) == (57, 57, 400, 400)
+    assert network_input.crop_box((64, 64)) == (7, 7, 50, 50)
+    y0, x0, h, w = network_input.crop_box((128, 96), crop=80)
     assert (h, w, x0) == (80, 80, 8) and y0 == 24        # centre 257/512 of each side
 
 
 def test_network_input_is_zscored_slice_times_lung_mask():
-    import table
     rng = np.random.default_rng(0)
     hu = rng.integers(-1000, 400, (3, 64, 64)).astype(np.int16)
     lung = (rng.random((3, 64, 64)) > 0.5).astype(np.uint8)
-    x = table.network_input(hu, lung, 1)
-    y0, x0, h, w = table.crop_box(hu.shape)
+    x = network_input.network_input(hu, lung, 1)
+    y0, x0, h, w = network_input.crop_box(hu.shape)
     s = hu[1].astype(np.float64)
     ref = (s - s.mean()) / s.std() * (lung[1] > 0)
     assert x.shape == (h, w, 1) and x.dtype == np.float32
     np.testing.assert_allclose(x[..., 0], ref[y0:y0 + h, x0:x0 + w], atol=1e-5)
-    x3 = table.network_input(hu, lung, 0, context_slices=3)       # neighbours clamped at the volume ends
-    np.testing.assert_array_equal(x3[..., 0], table.network_input(hu, lung, 0)[..., 0])
-    np.testing.assert_array_equal(x3[..., 2], table.network_input(hu, lung, 1)[..., 0])
+    x3 = network_input.network_input(hu, lung, 0, context_slices=3)       # neighbours clamped at the volume ends
+    np.testing.assert_array_equal(x3[..., 0], network_input.network_input(hu, lung, 0)[..., 0])
+    np.testing.assert_array_equal(x3[..., 2], network_input.network_input(hu, lung, 1)[..., 0])
     for c in (1, 3):                                                 # inference path == training path
-        got = np.concatenate([v for _, v in table.volume_inputs(hu, lung, context_slices=c, batch_size=2)])
-        want = np.stack([table.network_input(hu, lung, z, context_slices=c) for z in range(3)])
+        got = np.concatenate([v for _, v in network_input.volume_inputs(hu, lung, context_slices=c, batch_size=2)])
+        want = np.stack([network_input.network_input(hu, lung, z, context_slices=c) for z in range(3)])
         np.testing.assert_array_equal(got, want)
-    assert not np.any(np.isnan(table.network_input(np.zeros_like(hu), lung, 0)))
+    assert not np.any(np.isnan(network_input.network_input(np.zeros_like(hu), lung, 0)))
 
 
 # ----------------------------------------------------------------------------- the table
@@ -132,7 +131,7 @@ def test_rows_equal_source_slices(small_cohort, context):
             z = int(row["z"])
             assert row["patient_id"].decode() == s["attrs"]["patient_id"]
             assert (row["y0"], row["x0"], row["height"], row["width"]) == (7, 7, 50, 50)
-            want = table_module().network_input(s["hu"], s["lung_mask"], z, context_slices=context)
+            want = network_input.network_input(s["hu"], s["lung_mask"], z, context_slices=context)
             got = data[i] if context > 1 else data[i][..., None]
             np.testing.assert_array_equal(got, want)
             np.testing.assert_array_equal(truth[i], s["nodule_mask"][z, 7:57, 7:57] > 0)
@@ -145,10 +144,6 @@ def test_rows_equal_source_slices(small_cohort, context):
             assert sum(r["reason"] == b"negative" for r in rows) == 3
             assert all(r["n_nodule_pixels"] == 0 for r in rows if r["reason"] == b"negative")
         assert len(scans) == 4
-
-
-def table_module():
-    return importlib.import_module("table")
 
 
 def test_negatives_reproducible_and_thesis_rule(small_cohort):
