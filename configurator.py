@@ -14,6 +14,11 @@ arguments that are not ``--NAME=value`` are refused with one clear line (SystemE
 the constant's declared choices (``configure(globals(), argv, choices={"LUNG_MASK": ("refined", "thesis")})``),
 before the script does any work.
 
+A constant declares what it accepts at the end of its comment, in brackets: ``[> 0]``, ``[>= 0]``, ``[0 .. 1]``
+(inclusive), ``[odd >= 1]``, ``[one of: 1, 2, 4]``, ``[existing path]`` (when not empty); for a tuple every
+element is checked. A value outside is refused with one line naming the setting, the value and what is allowed,
+exit status 2, before any output is touched.
+
 ``--help`` (or ``-h``) prints the script's docstring up to its first blank line after "Run" / "Usage" (the
 whole docstring when it has neither) and every user-facing constant with its default and its comment, then
 exits 0. Constants meant for the program only are named with a leading underscore (``_KINDS``) and are
@@ -98,8 +103,61 @@ def configure(namespace, argv=None, choices=None):
         values[name] = _parse(name, text, defaults[name])
     for name, allowed in (choices or {}).items():
         if values[name] not in allowed:
-            raise SystemExit(f"--{name}={values[name]}: expected one of {', '.join(map(str, allowed))}")
+            _refuse(f"--{name}={values[name]}: expected one of {', '.join(map(str, allowed))}")
+    rules = _rules(namespace)
+    for name, value in values.items():
+        if name in rules and not _accepts(rules[name], value):
+            _refuse(f"--{name}={value!r}: expected {rules[name]}")
     return Config(values)
+
+
+class SettingError(SystemExit):
+    """A setting refused: exit status 2; ``str()`` is the one-line reason (also printed to stderr)."""
+
+    def __init__(self, line):
+        super().__init__(2)
+        self.line = line
+
+    def __str__(self):
+        return self.line
+
+
+def _refuse(line):
+    print(line, file=sys.stderr)
+    raise SettingError(line)
+
+
+def _rules(namespace):
+    """{NAME: its rule} from the bracketed end of each constant's comment (see the module docstring)."""
+    path = namespace.get("__file__") or ""
+    out = {}
+    for name, comment in (_comments(path).items() if path else ()):
+        comment = comment.rstrip()
+        if comment.endswith("]") and "[" in comment:
+            out[name] = comment[comment.rindex("[") + 1:-1].strip()
+    return out
+
+
+def _accepts(rule, value):
+    """Whether ``value`` satisfies ``rule`` (every element of a tuple / list does)."""
+    if isinstance(value, (tuple, list)):
+        return all(_accepts(rule, v) for v in value)
+    if rule.startswith("one of:"):
+        return str(value) in [c.strip() for c in rule[len("one of:"):].split(",")]
+    if rule == "existing path":
+        return value == "" or os.path.exists(str(value))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True                                   # a rule on numbers says nothing about other values
+    if rule.startswith("odd"):
+        return value % 2 == 1 and _accepts(rule[3:].strip() or ">= 1", value)
+    if ".." in rule:
+        lo, hi = (float(v) for v in rule.split(".."))
+        return lo <= value <= hi
+    for op in (">=", "<=", ">", "<"):
+        if rule.startswith(op):
+            bound = float(rule[len(op):])
+            return {">=": value >= bound, "<=": value <= bound, ">": value > bound, "<": value < bound}[op]
+    return True
 
 
 # ----------------------------------------------------------------------------- --help

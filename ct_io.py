@@ -125,6 +125,39 @@ def _check_mhd_header(path):
                         f"({' x '.join(map(str, dims))} {head['ElementType']})")
 
 
+def _check_nifti_length(path):
+    """A NIfTI-1 file whose voxel data ends early (ITK reads the missing part as 0 HU): ScanError naming the
+    bytes found and expected. .nii.gz is decompressed to count (a cut gzip stream is refused too); a header
+    that is not NIfTI-1 is left to SimpleITK."""
+    import gzip
+    import struct
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(348)
+            if len(head) < 348:
+                raise ScanError(f"{path}: truncated NIfTI header ({len(head)} of 348 bytes)")
+            order = "<" if struct.unpack("<i", head[:4])[0] == 348 else ">"
+            if struct.unpack(order + "i", head[:4])[0] != 348:
+                return
+            dims = struct.unpack(order + "8h", head[40:56])
+            bitpix = struct.unpack(order + "h", head[72:74])[0]
+            offset = int(struct.unpack(order + "f", head[108:112])[0])
+            n = int(np.prod([max(int(d), 1) for d in dims[1:1 + max(min(int(dims[0]), 7), 0)]]))
+            expected = offset + n * max(int(bitpix), 8) // 8
+            actual = 348
+            while True:
+                block = f.read(1 << 22)
+                if not block:
+                    break
+                actual += len(block)
+    except (OSError, EOFError) as e:                  # gzip: "Compressed file ended before the end-of-stream ..."
+        raise ScanError(f"{path}: truncated or corrupt file ({' '.join(str(e).split())[:160]})") from None
+    if actual < expected:
+        raise ScanError(f"{path}: voxel data is truncated: {actual} bytes, expected {expected} "
+                        f"({' x '.join(str(d) for d in dims[1:1 + int(dims[0])])}, {bitpix} bits)")
+
+
 IMAGE_EXTENSIONS = (".mhd", ".mha", ".nii", ".nii.gz", ".nrrd", ".nhdr")   # volume files read_image takes
 
 
@@ -151,6 +184,8 @@ def read_image(path, source="scans"):
         raise ScanError(f"{path}: file not found")
     if path.lower().endswith(".mhd"):
         _check_mhd_header(path)
+    if path.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_length(path)
     try:
         img = sitk.ReadImage(path)
     except RuntimeError as e:

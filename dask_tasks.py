@@ -19,7 +19,20 @@ import importlib
 import os
 import sys
 
-DASK_CONNECT_S = 30            # seconds to wait for the scheduler at the address given
+DASK_CONNECT_S = 10            # seconds to wait for the scheduler at the address given
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def check_workers(client, module, address):
+    """Exit with one line saying what to do when the cluster's workers cannot import ``module`` (started without
+    this project on their path): checked once, before any task is sent."""
+    try:
+        client.run(importlib.import_module, module)          # a standard-library function: any worker has it
+    except Exception as e:
+        msg = " ".join(str(e).split())[:200]
+        raise SystemExit(f"DASK_SCHEDULER {address}: the workers cannot import {module} ({type(e).__name__}: "
+                         f"{msg}); start each worker in this project's environment with PYTHONPATH={_ROOT} "
+                         f"(docs/scale_out.md), then run again") from None
 
 
 def importable(fn):
@@ -48,6 +61,7 @@ def run_on_cluster(address, fn, tasks, names=None):
         raise SystemExit(f"DASK_SCHEDULER {address}: cannot connect ({e})") from None
     try:
         fn = importable(fn)
+        check_workers(client, fn.__module__, address)
         futures = client.map(fn, tasks, pure=False)
         index = {f.key: i for i, f in enumerate(futures)}
         for f in as_completed(futures):

@@ -249,6 +249,7 @@ class Evaluation:
     def __init__(self, threshold, max_candidates):
         self.threshold, self.max_candidates = threshold, max_candidates
         self.diam, self.score, self.fp = [], [], []
+        self.nodule_scan, self.fp_scan = [], []             # each one's scan index, for the bootstrap interval
         self.found_op, self.n_fp_op, self.n_scans = [], 0, 0
 
     def add(self, xyz, score, nod_xyz, diam, excluded):
@@ -262,6 +263,8 @@ class Evaluation:
         self.diam += list(diam[incl])
         self.score += list(best[incl])
         self.fp += list(score[is_fp])
+        self.nodule_scan += [self.n_scans - 1] * int(incl.sum())
+        self.fp_scan += [self.n_scans - 1] * int(is_fp.sum())
         above = score > self.threshold
         found, _, fp_op, _ = metrics.detect(hits[above], score[above], excluded)
         self.found_op += list(found[incl])
@@ -271,7 +274,8 @@ class Evaluation:
         self.n_scans += 1
 
     def summary(self, size_edges, rates):
-        m, curves = metrics.froc_summary(self.diam, self.score, self.fp, max(self.n_scans, 1), size_edges, rates)
+        m, curves = metrics.froc_summary(self.diam, self.score, self.fp, max(self.n_scans, 1), size_edges, rates,
+                                         self.nodule_scan, self.fp_scan)
         found = np.asarray(self.found_op, bool)
         bins = np.array([metrics.size_bin(d, size_edges) for d in self.diam], object)
         frac = lambda h: {"value": float(h.mean()) if len(h) else None, "found": int(h.sum()), "total": int(len(h))}

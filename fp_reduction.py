@@ -89,19 +89,19 @@ TRAIN_CANDIDATES = ""           # comma-separated CSVs with candidates on the tr
 MODEL = ""                      # a trained stage-6 model: score only, no training (its patch geometry, THRESHOLD and
                                 # BLOB_* settings from its config.json); "" = train one (OUT_DIR/model.keras)
 OUT_DIR = ""                    # "" = WORK_DIR/6_fp_reduction
-PATCH_MM = 32.0                 # side of the patch cube in mm
-VOXEL_MM = 1.0                  # isotropic voxel size of the patch in mm (side = round(PATCH_MM / VOXEL_MM) voxels)
+PATCH_MM = 32.0                 # side of the patch cube in mm [> 0]
+VOXEL_MM = 1.0                  # isotropic voxel size of the patch in mm (side = round(PATCH_MM / VOXEL_MM) voxels) [> 0]
 HU_WINDOW = (-1000.0, 400.0)    # HU clipped to this range and scaled to [-1, 1]
-WIDTH = 16                      # filters of the first convolution block (doubled in each further block)
-BLOCKS = 3                      # convolution blocks (conv 3x3x3 + batch norm + ReLU + max-pool 2)
+WIDTH = 16                      # filters of the first convolution block (doubled in each further block) [>= 1]
+BLOCKS = 3                      # convolution blocks (conv 3x3x3 + batch norm + ReLU + max-pool 2) [>= 1]
 DENSE = 64                      # units of the hidden dense layer
 DROPOUT = 0.3                   # dropout before each dense layer
-BATCH_SIZE = 32                 # patches per training step
-EPOCHS = 10                     # epochs of STEPS_PER_EPOCH steps (a fixed number of steps: same result on any machine)
-STEPS_PER_EPOCH = 50            # training steps per epoch
-LR = 1e-3                       # Adam learning rate
+BATCH_SIZE = 32                 # patches per training step [>= 1]
+EPOCHS = 10                     # epochs of STEPS_PER_EPOCH steps (a fixed number of steps: same result on any machine) [>= 1]
+STEPS_PER_EPOCH = 50            # training steps per epoch [>= 1]
+LR = 1e-3                       # Adam learning rate [> 0]
 MAX_MINUTES = 0.0               # stop after the epoch that passes this much training time (0 = no limit; a safety stop)
-POS_FRACTION = 0.5              # share of positives in every training batch (positives are oversampled)
+POS_FRACTION = 0.5              # share of positives in every training batch (positives are oversampled) [0 .. 1]
 JITTER = 0.5                    # nodule-centre positives: moved up to this fraction of the radius at each draw (<= MAX_SHIFT_MM)
 SHIFT_MM = 2.0                  # every training patch moved up to this (mm, each axis)
 MAX_SHIFT_MM = 4.0              # largest move in mm (jitter + shift): the margin stored around training patches
@@ -113,17 +113,17 @@ DENSE_NEG_PER_SCAN = 60         # random lung-mask points denser than DENSE_HU p
 DENSE_HU = -500.0               # HU above which a lung-mask voxel counts as dense
 NEG_MARGIN_MM = 5.0             # random negatives lie farther than an annotation's radius + this from its centre
 COMBINE = "auto"                # final score: "fp" (stage 6), "product" (stage 5 x stage 6), "mean", "auto" (best on val)
-THRESHOLD = 0.5                 # operating point: candidates whose final score is above this are detections
-MAX_CANDIDATES = 100            # candidates evaluated per scan, the highest scored (LUNA16's rule, metrics.top_candidates)
+THRESHOLD = 0.5                 # operating point: candidates whose final score is above this are detections [0 .. 1]
+MAX_CANDIDATES = 100            # candidates evaluated per scan, the highest scored (LUNA16's rule, metrics.top_candidates) [>= 1]
 SIZE_BINS = (5.0, 10.0, 20.0)   # diameter bin edges in mm for the breakdowns
 FROC_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # false positives per scan where the CPM reads the sensitivity
-PREDICT_BATCH = 64              # patches per prediction call
-TTA = 8                         # test-time augmentation: mean over this many flips of the patch (1 = none, at most 8)
+PREDICT_BATCH = 64              # patches per prediction call [>= 1]
+TTA = 8                         # test-time augmentation: mean over this many flips of the patch (1 = none, at most 8) [1 .. 8]
 SEED = 85                       # weights, sampling and augmentation
 RESUME = False                  # continue training from OUT_DIR/last.keras and state.json
 DASK_SCHEDULER = ""             # "" = scans scored here; "tcp://host:8786" = each scan a task on that dask cluster
-BLOB_CANDIDATES = 0             # candidates per scan added from the image (3D blob detector in the lung mask); 0 = off
-BLOB_MM = 1.25                  # isotropic voxel (mm) of the grid the blob detector resamples the HU volume to
+BLOB_CANDIDATES = 0             # candidates per scan added from the image (3D blob detector in the lung mask); 0 = off [>= 0]
+BLOB_MM = 1.25                  # isotropic voxel (mm) of the grid the blob detector resamples the HU volume to [> 0]
 BLOB_DIAMETERS_MM = (3.0, 12.0) # smallest and largest blob diameter looked for (mm)
 BLOB_SCALES = 4                 # Laplacian-of-Gaussian scales, log-spaced over BLOB_DIAMETERS_MM
 BLOB_HU = (-1000.0, 100.0)      # HU clipped to this range before filtering (bone and contrast do not outshine nodules)
@@ -170,10 +170,14 @@ def with_model_settings(cfg, given=()):
                           for k in keys if k in mcfg})
 
 
+def _out_dir(cfg):
+    return cfg.OUT_DIR or os.path.join(cfg.WORK_DIR, "6_fp_reduction")
+
+
 def output_folder(cfg):
     """OUT_DIR (created), with the temporary files a killed run left removed (a resumed training first
     recovers its checkpoint from them: see start_or_resume)."""
-    out_dir = cfg.OUT_DIR or os.path.join(cfg.WORK_DIR, "6_fp_reduction")
+    out_dir = _out_dir(cfg)
     os.makedirs(out_dir, exist_ok=True)
     if not (cfg.RESUME and not cfg.MODEL):
         runfiles.clean_stale(out_dir, _log)
@@ -337,8 +341,12 @@ def scoring_model(cfg, out_dir, cand_path, failed):
     cfg = cfg.replace(PATCH_SIDE=side)
     model_path, record = os.path.join(out_dir, "model.keras"), None
     if cfg.MODEL:
+        load_scoring_model(cfg.MODEL, side)                 # checked before anything is written
         how = cfg.COMBINE if cfg.COMBINE != "auto" else _model_config(cfg.MODEL).get("COMBINE_USED", "fp")
         if os.path.abspath(cfg.MODEL) != os.path.abspath(model_path):
+            if os.path.isfile(model_path) and _model_config(model_path).get("MODE") == "train":
+                raise SystemExit(f"{out_dir} holds the stage-6 model trained there: scoring with --MODEL={cfg.MODEL} "
+                                 f"would replace it; give another --OUT_DIR")
             with runfiles.atomic(model_path) as tmp:
                 shutil.copyfile(cfg.MODEL, tmp)
         print(f"scoring only with {cfg.MODEL} (patches {cfg.PATCH_MM:g} mm at {cfg.VOXEL_MM:g} mm, COMBINE={how})")
@@ -354,9 +362,17 @@ def scoring_model(cfg, out_dir, cand_path, failed):
 
 
 def load_scoring_model(model_path, side):
-    """The scoring network, checked to take patches of ``side``^3 (PATCH_MM / VOXEL_MM)."""
+    """The scoring network, checked to be a stage-6 network (one-channel 3D patches in, one score out) that
+    takes patches of ``side``^3 (PATCH_MM / VOXEL_MM); else one line naming the file."""
     import keras
-    model = keras.saving.load_model(model_path, compile=False)
+    try:
+        model = keras.saving.load_model(model_path, compile=False)
+    except Exception as e:                              # a corrupt or foreign file: Keras's reasons vary
+        raise SystemExit(f"{model_path}: not a stage-6 model (cannot be loaded: {runfiles.one_line(e, 160)})") from None
+    shape_in, shape_out = tuple(model.input_shape), tuple(model.output_shape)
+    if len(shape_in) != 5 or shape_in[-1] != 1 or shape_out[1:] != (1,):
+        raise SystemExit(f"{model_path}: not a stage-6 model (input {shape_in[1:]}, output {shape_out[1:]}; "
+                         f"expected (side, side, side, 1) -> (1,))")
     if tuple(model.input_shape[1:4]) != (side,) * 3:
         raise SystemExit(f"{model_path}: takes patches of {model.input_shape[1:4]}, PATCH_MM / VOXEL_MM give {side}")
     return model
@@ -467,7 +483,12 @@ def run(cfg, given=()):
     # 1. the settings: a scoring model's patch geometry, blob candidates and operating point
     cfg = with_model_settings(cfg, given)
     # 2. the folders and the scans: OUT_DIR, the candidates rescored, the scans of SCANS that stage 5 evaluated
-    out_dir = output_folder(cfg)
+    with runfiles.hold(_out_dir(cfg), "fp_reduction.py"):          # one run at a time in the folder
+        return _run_held(cfg, output_folder(cfg), t_start, failed)
+
+
+def _run_held(cfg, out_dir, t_start, failed):
+    """Steps 2-5 of run(), with ``out_dir`` held by this run."""
     cand_path = candidates_file(cfg)
     paths = scans_to_score(cfg)
     # 3. the network: MODEL, or trained here on the training part; the settings saved as config.json

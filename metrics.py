@@ -22,6 +22,9 @@ UNKNOWN_DIAMETER_MM = 10.0          # LUNA16's script: an annotation with diamet
 MAX_CANDIDATES = 100                # LUNA16's script keeps at most this many candidates per scan (the highest scored)
 
 DEFINITIONS = {
+    "ci95": "95 % interval: percentiles 2.5 and 97.5 of the CPM (and of each sensitivity) over 1000 bootstrap draws "
+            "of the evaluated scans with replacement (failed scans included, as scans without candidates), as "
+            "LUNA16's evaluation resamples scans; seeded, so a rerun gives the same interval",
     "slice_dice": "2|P & T| / (|P| + |T|), pooled over every voxel of every slice of the evaluated scans; "
                   "P = the predicted mask (prob > THRESHOLD, components of >= MIN_COMPONENT_VOXELS), "
                   "T = the union of the truth nodule labels (excluded annotations are not labelled). "
@@ -236,12 +239,47 @@ def _fraction(hit):
     return {"value": float(hit.mean()) if len(hit) else float("nan"), "found": int(hit.sum()), "total": len(hit)}
 
 
-def froc_summary(diameters, nodule_scores, fp_scores, n_scans, size_edges=None, rates=None):
+def bootstrap_cpm(diameters, nodule_scores, nodule_scan, fp_scores, fp_scan, n_scans, size_edges=None, rates=None,
+                  n_boot=1000, seed=0):
+    """95 % intervals of the CPM (overall and by size) and of the sensitivities at ``rates``: the part's scans
+    drawn with replacement ``n_boot`` times (a scan drawn twice counts twice: its nodules, false positives and
+    FP/scan share), FROC and CPM recomputed on each draw, percentiles 2.5 and 97.5 (draws without a nodule of a
+    size are left out of that size's interval). ``nodule_scan`` / ``fp_scan``: the scan index (0 .. n_scans - 1)
+    of each nodule / false positive; scans with neither (failed, empty) still count. Seeded: reproducible."""
+    size_edges = SIZE_BINS if size_edges is None else size_edges
+    rates = FROC_RATES if rates is None else rates
+    scores = np.asarray(nodule_scores, np.float64).reshape(-1)
+    fp = np.asarray(fp_scores, np.float64).reshape(-1)
+    nod_scan, fp_scan = np.asarray(nodule_scan, np.int64), np.asarray(fp_scan, np.int64)
+    bins = np.array([size_bin(d, size_edges) for d in np.asarray(diameters, np.float64).reshape(-1)], object)
+    names = ["all"] + list(size_bin_names(size_edges))
+    rng = np.random.default_rng(seed)
+    cpms, sens = {k: [] for k in names}, []
+    for _ in range(int(n_boot)):
+        counts = np.bincount(rng.integers(0, n_scans, n_scans), minlength=n_scans)
+        w_nod, fp_draw = counts[nod_scan], np.repeat(fp, counts[fp_scan])
+        for k in names:
+            sel = slice(None) if k == "all" else bins == k
+            c = froc(np.repeat(scores[sel], w_nod[sel]), fp_draw, n_scans, rates)
+            if c["cpm"] is not None:
+                cpms[k].append(c["cpm"])
+                if k == "all":
+                    sens.append(c["sensitivities"])
+    ci = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else None
+    return {"cpm": ci(cpms["all"]), "cpm_by_size": {k: ci(cpms[k]) for k in names[1:]},
+            "sensitivities": [ci(np.asarray(sens)[:, i]) if sens else None for i in range(len(rates))],
+            "n_boot": int(n_boot), "definition": DEFINITIONS["ci95"]}
+
+
+def froc_summary(diameters, nodule_scores, fp_scores, n_scans, size_edges=None, rates=None, nodule_scan=None,
+                 fp_scan=None, n_boot=1000):
     """FROC, CPM and candidate recall, overall and by nodule size -> (metrics dict with the keys froc, cpm,
     candidate_recall, curves {"all": froc(...), bin: froc(...)}).
 
     diameters, nodule_scores: one per included truth nodule of the evaluated scans (score NaN: no candidate hit
-    it); fp_scores: every false-positive candidate's score; n_scans: every scan of the evaluated part."""
+    it); fp_scores: every false-positive candidate's score; n_scans: every scan of the evaluated part. Given the
+    scan index of each nodule and false positive (``nodule_scan``, ``fp_scan``), the CPM and the sensitivities
+    get 95 % bootstrap intervals over the scans (bootstrap_cpm, ``n_boot`` draws; 0 = none)."""
     size_edges = SIZE_BINS if size_edges is None else size_edges
     rates = FROC_RATES if rates is None else rates
     scores = np.asarray(nodule_scores, np.float64).reshape(-1)
@@ -262,6 +300,11 @@ def froc_summary(diameters, nodule_scores, fp_scores, n_scans, size_edges=None, 
                                                              for k in size_bin_names(size_edges)},
                              "definition": D["candidate_recall"]},
     }
+    if nodule_scan is not None and fp_scan is not None and n_boot > 0 and len(scores):
+        ci = bootstrap_cpm(diameters, scores, nodule_scan, fp_scores, fp_scan, int(n_scans), size_edges, rates, n_boot)
+        metrics["cpm"]["ci95"], metrics["cpm"]["ci95_by_size"] = ci["cpm"], ci["cpm_by_size"]
+        metrics["froc"]["sensitivities_ci95"] = ci["sensitivities"]
+        metrics["cpm"]["ci95_definition"] = ci["definition"]
     return metrics, curves
 
 
@@ -293,13 +336,15 @@ def summarize(results, size_edges=None, rates=None, n_failed=0):
     n_fp = int(sum(int(np.sum(res["is_fp"])) for res in results))
     fp_scores = (np.concatenate([np.asarray(res["candidates"]["prob"], np.float64)[res["candidate_is_fp"]]
                                  for res in results]) if results else np.zeros(0))
+    nodule_scan = [i for i, res in enumerate(results) for _ in res["nodules"]]      # for the bootstrap interval
+    fp_scan = [i for i, res in enumerate(results) for _ in range(int(np.sum(res["candidate_is_fp"])))]
     pooled = np.sum([res["dice_counts"] for res in results], axis=0) if results else np.zeros(3)
     pooled_ns = np.sum([res["dice_counts_nodule_slices"] for res in results], axis=0) if results else np.zeros(3)
 
     overall = _nodule_block(nod)
     by_size = {name: _nodule_block([r for r in nod if r["size_bin"] == name]) for name in size_bin_names(size_edges)}
     detection, curves = froc_summary([r["diameter_mm"] for r in nod], [r["candidate_prob"] for r in nod],
-                                     fp_scores, max(n_scans, 1), size_edges, rates)
+                                     fp_scores, max(n_scans, 1), size_edges, rates, nodule_scan, fp_scan)
     D = DEFINITIONS
     metrics = {
         "n_scans": len(results), "n_scans_failed": int(n_failed), "n_nodules": len(nod),

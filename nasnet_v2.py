@@ -32,7 +32,7 @@ and the model predicts nothing in inference mode. ``get_model(bn_momentum=0.99)`
 ``reestimate_bn_statistics(model, batches)`` recomputes the moving means/variances from data after training
 (cumulative average over the given batches; no other weight changes).
 
-Loss (SEED_NOTES stage 4, all sums pooled over the whole batch, i = every pixel of every slice, c = class):
+Loss (the thesis code's, all sums pooled over the whole batch, i = every pixel of every slice, c = class):
     GDL = 1 - 2 * sum_c w_c sum_i r_ic p_ic / sum_c w_c sum_i (r_ic + p_ic),   w_c = 1 / (sum_i r_ic)^2
     WCE = mean_i [ -sum_c v_c r_ic log p_ic ],  v = (1, 7),  p clipped to [1e-7, 1 - 1e-7]
     loss = GDL + WCE;   metric dice_coef = (2 sum(y p) + 1) / (sum y + sum p + 1) on the nodule channel.

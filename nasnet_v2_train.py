@@ -47,10 +47,10 @@ OUT_DIR = ""                   # "" = WORK_DIR/4_model
 VARIANT = "figure3"            # "figure3" (thesis figure), "thesis_code" (heavier decoder), "unet" (baseline)
 WEIGHTS = ""                   # optional weights file to start from (ImageNet NASNetMobile .h5, .weights.h5, .keras)
 OPTIMIZER = "adam"             # "adam", or "sgd" (the thesis's surviving script: SGD + momentum 0.9)
-LR = 1e-3                      # learning rate (the thesis's fine-tuning script: 1e-7 with SGD)
+LR = 1e-3                      # learning rate (the thesis's fine-tuning script: 1e-7 with SGD) [> 0]
 MOMENTUM = 0.9                 # SGD momentum
-BATCH_SIZE = 12                # slices per batch (thesis: 12)
-EPOCHS = 30                    # epochs (an epoch = STEPS_PER_EPOCH batches, or the whole training index)
+BATCH_SIZE = 12                # slices per batch (thesis: 12) [>= 1]
+EPOCHS = 30                    # epochs (an epoch = STEPS_PER_EPOCH batches, or the whole training index) [>= 1]
 STEPS_PER_EPOCH = 0            # batches per epoch; 0 = all training rows once
 VAL_MAX_BATCHES = 0            # validation batches per epoch; 0 = the whole validation index
 MAX_MINUTES = 0.0              # stop after the epoch that passes this much training time (0 = no limit)
@@ -383,7 +383,13 @@ def train(cfg, devices=1):
     import keras
     # 1. the inputs (stages 2 and 3) and the output folder
     table_path, split_dir, folder = run_paths(cfg)
-    os.makedirs(folder, exist_ok=True)
+    with runfiles.hold(folder, "nasnet_v2_train.py"):             # one run at a time in the folder
+        return _train_held(cfg, devices, table_path, split_dir, folder)
+
+
+def _train_held(cfg, devices, table_path, split_dir, folder):
+    """Steps 2-5 of train(), with the output folder held by this run."""
+    import keras
     keras.utils.set_random_seed(cfg.SEED)
     # 2. the batches: training (augmented), BN re-estimation, validation
     train_ds, train_bn, val = datasets(cfg, table_path, split_dir)

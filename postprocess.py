@@ -68,11 +68,11 @@ PRED_DIR = ""                   # "" = WORK_DIR/5_predictions
 REPORT_DIR = ""                 # "" = WORK_DIR/5_report
 MODEL_CONFIG = ""               # the model's input geometry (PIXEL_MM, CROP_MM, CONTEXT_MM, ...); "" = config.json beside MODEL
 SCANS = "test"                  # "test" (or another part of 3_split/split.json), or "all" stage-1 scans
-THRESHOLD = 0.5                 # a voxel is nodule when its probability is above this (mask, Dice, operating point)
+THRESHOLD = 0.5                 # a voxel is nodule when its probability is above this (mask, Dice, operating point) [0 .. 1]
 CANDIDATE_THRESHOLD = 0.02      # candidates: components of prob above this; low, so the FROC reaches 8 FP/scan (0.02 vs
-                                # 0.05 on a selection cohort: recall 37/51 vs 35/51, CPM after stage 6 0.591 vs 0.557)
-MAX_CANDIDATES = 100            # candidates kept per scan, the highest scored (LUNA16's evaluation keeps at most 100)
-CANDIDATE_PEAK = 0.5            # a candidate's center: center of mass of its voxels >= this fraction of its maximum
+                                # 0.05 on a selection cohort: recall 37/51 vs 35/51, CPM after stage 6 0.591 vs 0.557) [0 .. 1]
+MAX_CANDIDATES = 100            # candidates kept per scan, the highest scored (LUNA16's evaluation keeps at most 100) [>= 1]
+CANDIDATE_PEAK = 0.5            # a candidate's center: center of mass of its voxels >= this fraction of its maximum [0 .. 1]
 CANDIDATE_SPLIT_MM = 0.0        # > 0: every local maximum of a component (none higher within this many mm along each
                                 # axis) is a candidate of its own, so a faint small nodule touching a vessel's component
                                 # is not hidden behind the vessel's maximum; 0 = one candidate per component (measured on
@@ -81,12 +81,12 @@ CANDIDATE_SPLIT_DIP = 0.3       # ... if the probability dips by this share of i
 LUNG_GATE = True                # probability outside the stage-1 lung mask is set to 0 (the network's input is 0 there)
 BINARIZE = "threshold"          # or "kmeans": the thesis's per-slice 2-cluster K-means + erosion (reproduction only)
 KMEANS_EROSION = 3              # BINARIZE="kmeans": side in pixels of the square erosion element (0 = none)
-BATCH_SIZE = 8                  # slices per prediction call
+BATCH_SIZE = 8                  # slices per prediction call [>= 1]
 TTA = 4                         # test-time augmentation: mean over this many flips of the slice: 1 = none (thesis),
                                 # 2 = + left-right, 4 = + up-down and both; inference time x TTA (4 vs 1 on the selection
                                 # cohort: candidate recall 76.5 vs 72.5 %, CPM after stage 6 0.669 vs 0.591)
 CONNECTIVITY = 3                # 3D components: 1 = 6 face neighbours, 2 = 18 (+edges), 3 = 26 (+corners)
-MIN_COMPONENT_VOXELS = 1        # components with fewer voxels are removed from the mask and are no candidates
+MIN_COMPONENT_VOXELS = 1        # components with fewer voxels are removed from the mask and are no candidates [>= 1]
 PROB_DTYPE = "float16"          # how /prob is stored: "float16" or "float32"
 SIZE_BINS = (5.0, 10.0, 20.0)   # diameter bin edges in mm for the breakdowns: <5, 5-10, 10-20, >=20
 FROC_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # false positives per scan where CPM reads the sensitivity
@@ -302,10 +302,14 @@ def _model_path(cfg):
     return path
 
 
+def _report_dir(cfg):
+    return cfg.REPORT_DIR or os.path.join(cfg.WORK_DIR, "5_report")
+
+
 def _output_folders(cfg):
     """The run's folders {pred, report, pictures, mip}, created, with the temporary files a killed run left
     there removed."""
-    report_dir = cfg.REPORT_DIR or os.path.join(cfg.WORK_DIR, "5_report")
+    report_dir = _report_dir(cfg)
     dirs = {"pred": cfg.PRED_DIR or os.path.join(cfg.WORK_DIR, "5_predictions"), "report": report_dir,
             "pictures": os.path.join(report_dir, "pictures"), "mip": os.path.join(report_dir, "pictures", "mip")}
     for d in dirs.values():
@@ -431,7 +435,12 @@ def main(argv=None):
     cfg = configure(globals(), argv, choices=_CHOICES)
     runfiles.refuse_old_layout(cfg.WORK_DIR)
     model_path = _model_path(cfg)                                     # 1. the model and the folders
-    dirs = _output_folders(cfg)
+    with runfiles.hold(_report_dir(cfg), "postprocess.py"):         # one run at a time in the folders
+        return _run(cfg, model_path, _output_folders(cfg))
+
+
+def _run(cfg, model_path, dirs):
+    """Steps 2-6 of main(), with the report folder held by this run."""
     paths = _scan_paths(cfg)                                          # 2. the scans of the part
     predictor = Predictor(model_path, cfg.MODEL_CONFIG, _table_path(cfg), cfg.TTA)
     book = report.PictureBook(cfg.N_PICTURES, cfg.PICTURE_HALF)

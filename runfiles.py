@@ -16,6 +16,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -165,7 +166,10 @@ def part_scans(work_dir, part):
     uids = series_of_part(read_json(split_path), part)
     if uids is None:
         raise SystemExit(f"{split_path}: no part {part!r} with its series")
-    return [os.path.join(folder, f"{uid}.h5") for uid in uids]
+    try:
+        return [file_in(folder, uid, ".h5") for uid in uids]
+    except ValueError as e:
+        raise SystemExit(f"{split_path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- the run folder's layout
@@ -194,11 +198,11 @@ def hold(folder, what):
     over. The lock is ``folder/.lock``, created exclusively (O_EXCL), removed at the end."""
     import socket
     import time
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, ".lock")
     me = {"host": socket.gethostname(), "pid": os.getpid(), "what": what, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     for _ in range(2):
         try:
+            os.makedirs(folder, exist_ok=True)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _lock_holder(path)
@@ -208,8 +212,14 @@ def hold(folder, what):
                                  f"another WORK_DIR") from None
             _remove(path)                            # a crashed run's lock: taken over
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+        except OSError as e:
+            raise SystemExit(f"{folder}: cannot write the output folder ({e.strerror or e})") from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        except OSError as e:                             # disk full: no half-written lock left
+            _remove(path)
+            raise SystemExit(f"{folder}: cannot write the output folder ({e.strerror or e})") from None
         break
     else:
         raise SystemExit(f"{folder}: cannot take the lock {path}")
@@ -238,3 +248,20 @@ def _dead(holder, host):
     except (PermissionError, ValueError, TypeError):
         return not isinstance(holder.get("pid"), int)
     return False
+
+
+# ----------------------------------------------------------------------------- identifiers that become file names
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def file_in(folder, ident, ext):
+    """``folder/<ident><ext>`` for an identifier that comes from the data (a SeriesInstanceUID, a file name, a
+    scan id of a CSV). Refused (ValueError, one line) unless it is a plain name: letters, digits, '.', '_' and
+    '-', not starting with '.', at most 128 characters (a DICOM UID is digits and dots, at most 64), so that no
+    identifier can point outside ``folder``."""
+    ident = str(ident)
+    if not _SAFE_NAME.fullmatch(ident):
+        raise ValueError(f"identifier {ident[:80]!r} cannot be a file name (letters, digits, '.', '_', '-' only, "
+                         f"not starting with '.', <= 128 characters)")
+    return os.path.join(folder, ident + ext)

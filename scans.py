@@ -45,9 +45,15 @@ def _is_dicom(path):
 
 def find_own_scans(input_dir):
     """DATASET="scans": the volume files under ``input_dir`` (IMAGE_EXTENSIONS), then the folders directly
-    holding DICOM files (see scans_tasks for the series in them)."""
-    files, folders = [], []
-    for root, dirs, names in os.walk(input_dir):
+    holding DICOM files (see scans_tasks for the series in them). Symbolic links to folders are followed (each
+    real folder once, so a link back up does not loop)."""
+    files, folders, seen = [], [], set()
+    for root, dirs, names in os.walk(input_dir, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:                              # reached again through a link: already listed
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
             path = os.path.join(root, name)

@@ -42,8 +42,8 @@ WORK_DIR = "work"              # root of a run; every stage reads and writes bel
 IN_DIR = ""                    # the slice table's folder; "" = WORK_DIR/2_table
 TABLE_NAME = "slices.h5"       # the table's file name inside IN_DIR
 OUT_DIR = ""                   # "" = WORK_DIR/3_split
-VAL_FRACTION = 0.1             # share of patients in validation (of those not in test, for LUNA16 folds)
-TEST_FRACTION = 0.1            # share of patients in test (random split only)
+VAL_FRACTION = 0.1             # share of patients in validation (of those not in test, for LUNA16 folds) [0 .. 1]
+TEST_FRACTION = 0.1            # share of patients in test (random split only) [0 .. 1]
 SEED = 85                      # seed of the patient shuffle (the thesis's slice shuffle used 85)
 STRATIFY = True                # split patients with and without nodule slices separately
 TEST_FOLDS = (9,)              # LUNA16 subset folds forming the test part; () = random patient split
@@ -211,8 +211,9 @@ def main(argv=None):
     info["test_from"] = os.path.abspath(cfg.TEST_FROM) if cfg.TEST_FROM else None
     info["table"] = os.path.abspath(path)
     info["guard_source"] = cfg.TEST_LUNA16_DIR or None
-    _write_split(out_dir, idx, info)                              # 4. indexes, split.json, config.json
-    save_config(cfg, out_dir)
+    with runfiles.hold(out_dir, "slice_idx.py"):                  # 4. indexes, split.json, config.json
+        _write_split(out_dir, idx, info)
+        save_config(cfg, out_dir)
     for k in ("train", "val", "test"):
         print(f"{k:5s}: {len(info[k]['patients']):4d} patients, {len(info[k]['series']):4d} series, "
               f"{info[k]['rows']:6d} slices ({info[k]['nodule_rows']} with nodule pixels)")

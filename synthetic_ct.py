@@ -1204,9 +1204,10 @@ def _write_rows(path, rows):
 def main(argv=None):
     cfg = configurator.configure(globals(), argv)
     out_dir = cfg.OUT_DIR or os.path.join(cfg.WORK_DIR, "0_synthetic")
-    configurator.save_config(cfg, out_dir)
     t0 = time.time()
-    index, failures = generate_cohort(out_dir, **cfg)
+    with runfiles.hold(out_dir, "synthetic_ct.py"):              # one run at a time in the folder
+        configurator.save_config(cfg, out_dir)
+        index, failures = generate_cohort(out_dir, **cfg)
     n = len(index)
     print(f"synthetic_ct: {n} scans ({sum(r[2] == 'lidc' for r in index)} LIDC) written to {out_dir} "
           f"in {time.time() - t0:.1f} s, {sum(r[4] for r in index)} nodules; {len(failures)} failed")

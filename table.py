@@ -55,20 +55,20 @@ WORK_DIR = "work"              # root of a run; every stage reads and writes bel
 IN_DIR = ""                    # stage-1 per-scan files; "" = WORK_DIR/1_preprocessed
 OUT_DIR = ""                   # "" = WORK_DIR/2_table
 OUT_NAME = "slices.h5"         # the table's file name inside OUT_DIR
-PIXEL_MM = 0.7                 # network-input pixel size in mm (slices resampled to it); 0 = the scan's raw pixels (thesis)
-CROP_MM = 300.0                # side of the square network input in mm (PIXEL_MM > 0; rounded up to 32-px blocks: 448 px)
+PIXEL_MM = 0.7                 # network-input pixel size in mm (slices resampled to it); 0 = the scan's raw pixels (thesis) [>= 0]
+CROP_MM = 300.0                # side of the square network input in mm (PIXEL_MM > 0; rounded up to 32-px blocks: 448 px) [> 0]
 CROP = 0                       # PIXEL_MM=0 only: side of the input in raw px; 0 = the thesis's 57:457 scaled to the slice
-CONTEXT_SLICES = 1             # input channels: 1 = the slice (thesis); 3 = the slice and two neighbours along z
-CONTEXT_MM = 2.5               # PIXEL_MM > 0: distance in mm between neighbouring channels (interpolated between slices)
-NEG_PER_SCAN = 10              # slices without nodule pixels drawn per scan (negatives)
+CONTEXT_SLICES = 1             # input channels: 1 = the slice (thesis); 3 = the slice and two neighbours along z [odd >= 1]
+CONTEXT_MM = 2.5               # PIXEL_MM > 0: distance in mm between neighbouring channels (interpolated between slices) [>= 0]
+NEG_PER_SCAN = 10              # slices without nodule pixels drawn per scan (negatives) [>= 0]
 NEG_MIN_LUNG_FRACTION = 0.02   # negatives are drawn first among slices whose crop is at least this much lung
 THESIS_SLICES = False          # True = thesis rule: only the 3 slices around each nodule center (> THESIS_MIN_MM)
 THESIS_MIN_MM = 5.0            # THESIS_SLICES: nodules up to this diameter (mm) are left out
 SEED = 85                      # seed of the negative-slice draw (combined with each seriesuid)
 COMPLIB = "blosc:lz4"          # blosc family; lz4: ~10x faster to write, 3x to read than zstd, files ~30 % larger
 COMPLEVEL = 5                  # compression level (thesis: blosc 5)
-N_WORKERS = 0                  # processes computing scans while this one appends (0 = all in this process)
-LIMIT = 0                      # use only the first LIMIT scans (0 = all)
+N_WORKERS = 0                  # processes computing scans while this one appends (0 = all in this process) [>= 0]
+LIMIT = 0                      # use only the first LIMIT scans (0 = all) [>= 0]
 
 _UID_LEN = 64                  # DICOM UIDs are at most 64 characters
 _MAX_IDS = 16                  # nodule labels listed per slice row (more on one slice are cut: sampling only)
@@ -350,11 +350,12 @@ def _prepare_output(out_dir, out_path):
     table's temporary file can be written. False (after one line on stderr) when the folder is not writable."""
     try:
         os.makedirs(out_dir, exist_ok=True)
-        stale = runfiles.clean_stale(out_dir)
-        open(runfiles.tmp_name(out_path), "wb").close()
+        open(os.path.join(out_dir, ".write_check"), "wb").close()
+        os.remove(os.path.join(out_dir, ".write_check"))
     except OSError as e:
         print(f"{out_dir}: cannot write the output folder ({e.strerror or e})", file=sys.stderr)
         return False
+    stale = runfiles.clean_stale(out_dir)
     if stale:
         print(f"{out_dir}: removed {len(stale)} temporary file(s) left by an interrupted run", file=sys.stderr)
     return True
@@ -408,6 +409,16 @@ def main(argv=None):
     context_indexes(0, 1, cfg.CONTEXT_SLICES)           # refuses an even CONTEXT_SLICES before any work
     out_dir = cfg.OUT_DIR or os.path.join(cfg.WORK_DIR, "2_table")
     out_path = os.path.join(out_dir, cfg.OUT_NAME)
+    try:
+        with runfiles.hold(out_dir, "table.py"):
+            return _make_table(cfg, out_dir, out_path, paths)
+    except SystemExit as e:                             # the folder is held by another run: one line, exit 2
+        print(e.code, file=sys.stderr)
+        return 2
+
+
+def _make_table(cfg, out_dir, out_path, paths):
+    """Steps 2-4 of main(), with the output folder held by this run."""
     if not _prepare_output(out_dir, out_path):          # 2. the output folder, writable and without stale files
         return 2
     t0 = time.time()

@@ -123,6 +123,13 @@ def _cpm(m, size):
     return m["cpm"]["value"] if size == "all" else m["cpm"]["by_size"].get(size)
 
 
+def _ci(block, size):
+    """' (lo-hi)': the CPM's 95 % bootstrap interval of a size bin ('all' = overall), '' when not recorded."""
+    c = block.get("cpm", {})
+    ci = c.get("ci95") if size == "all" else (c.get("ci95_by_size") or {}).get(size)
+    return f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+
+
 def summary(run, rates=SUMMARY_AT):
     """The answer of the run in folder ``run`` as text: the final candidates file, CPM and sensitivity at ``rates``
     FP/scan by nodule size before and after stage 6, the operating point, the report folder."""
@@ -144,7 +151,7 @@ def summary(run, rates=SUMMARY_AT):
     sizes = list(last["candidate_recall"]["by_size"]) + ["all"]
     count = lambda b: (last["candidate_recall"]["by_size"][b]["total"] if b != "all"
                        else last["candidate_recall"]["total"])
-    cpm = lambda blk, b: "-" if blk is None or _cpm(blk, b) is None else f"{_cpm(blk, b):.3f}"
+    cpm = lambda blk, b: "-" if blk is None or _cpm(blk, b) is None else f"{_cpm(blk, b):.3f}" + _ci(blk, b)
     pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"
     head = ["size (mm)", "nodules"]
     for name, _ in blocks:
@@ -160,7 +167,8 @@ def summary(run, rates=SUMMARY_AT):
              f"  final candidates: {final}",
              f"  report:           {report}  (metrics.json, nodules.csv, candidates.csv, froc.png, pictures/)",
              f"  {m.get('n_scans')} scans, {m.get('n_nodules')} nodules; CPM (LUNA16's FROC) and sensitivity at "
-             + ", ".join(f"{r:g}" for r in rates) + " FP/scan by nodule diameter:"]
+             + ", ".join(f"{r:g}" for r in rates) + " FP/scan by nodule diameter (CPM's 95 % bootstrap interval "
+             "over the scans in brackets):"]
     lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     op = last.get("operating_point")
     if op:

@@ -114,3 +114,50 @@ def test_help_of_a_real_script_exits_0():
     text = configurator.help_text(vars(slice_idx))
     assert text.startswith("Stage 3") and "--TEST_FOLDS=" in text
     assert os.path.basename(slice_idx.__file__) in text
+
+
+@pytest.mark.parametrize("script, arg, allowed", [
+    ("table", "--PIXEL_MM=-1", ">= 0"),
+    ("table", "--CROP_MM=0", "> 0"),
+    ("table", "--CONTEXT_SLICES=2", "odd >= 1"),
+    ("preprocess", "--LIMIT=-2", ">= 0"),
+    ("fp_reduction", "--PATCH_MM=-16", "> 0"),
+    ("fp_reduction", "--STEPS_PER_EPOCH=0", ">= 1"),
+    ("fp_reduction", "--VOXEL_MM=0", "> 0"),
+    ("fp_reduction", "--BATCH_SIZE=0", ">= 1"),
+    ("postprocess", "--TTA=3", "one of"),
+    ("postprocess", "--BATCH_SIZE=0", ">= 1"),
+    ("nasnet_v2_train", "--BATCH_SIZE=0", ">= 1"),
+    ("slice_idx", "--TEST_FRACTION=1.5", "0 .. 1"),
+])
+def test_a_setting_outside_what_it_accepts_is_one_line_and_exit_2(tmp_path, capsys, script, arg, allowed):
+    """Each stage's settings are checked at start-up against what their constants declare: one line naming the
+    setting, the value and what is allowed (also on stderr), exit status 2, and nothing written."""
+    import importlib
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as e:
+        module.main([f"--WORK_DIR={tmp_path / 'run'}", arg])
+    name = arg[2:].split("=")[0]
+    assert e.value.code == 2 and str(e.value).startswith(f"--{name}=") and allowed in str(e.value)
+    assert capsys.readouterr().err.strip() == str(e.value)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_rules_in_comments_are_listed_by_help_and_checked():
+    ns = {"__doc__": "Usage:\n  python s.py", "__file__": __file__, "LIMIT": 0}
+    assert configurator._accepts("odd >= 1", 3) and not configurator._accepts("odd >= 1", 4)
+    assert configurator._accepts("0 .. 1", (0.0, 1.0)) and not configurator._accepts("0 .. 1", (0.5, 1.5))
+    assert configurator._accepts("one of: 1, 2, 4", 2) and not configurator._accepts("one of: 1, 2, 4", 3)
+    assert configurator._accepts("> 0", "text")          # a numeric rule says nothing about a string
+    assert "LIMIT" in configurator.help_text(ns)
+
+
+@pytest.mark.parametrize("script", ["synthetic_ct", "preprocess", "table", "slice_idx", "nasnet_v2_train",
+                                    "postprocess", "fp_reduction", "metrics", "nasnet_v2"])
+def test_every_default_meets_its_own_rule(script):
+    import importlib
+    module = importlib.import_module(script)
+    rules = configurator._rules(vars(module))
+    for name, value in configurator.constants(vars(module)).items():
+        if name in rules:
+            assert configurator._accepts(rules[name], value), (script, name, value, rules[name])

@@ -127,3 +127,20 @@ def test_thesis_mask_vectorised_equals_per_slice_reference(ct_small_dir):
     assert ref.sum() > 1000
     dice = 2 * np.sum(fast & ref) / (fast.sum() + ref.sum())
     assert dice >= 0.99      # scikit-learn's Lloyd iterations stop a hair off the exact 2-means split
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+def test_a_truncated_nifti_is_refused_not_read_as_zeros(tmp_path, ext):
+    """A NIfTI file cut in half: one line saying it is truncated (SimpleITK alone reads the missing half as 0 HU);
+    the whole file reads back exactly."""
+    import SimpleITK as sitk
+    hu = (np.random.default_rng(0).random((20, 64, 64)) * 1000 - 1000).astype(np.int16)
+    img = sitk.GetImageFromArray(hu)
+    img.SetSpacing((0.7, 0.7, 2.0))
+    whole, cut = str(tmp_path / f"whole{ext}"), str(tmp_path / f"cut{ext}")
+    sitk.WriteImage(img, whole)
+    data = open(whole, "rb").read()
+    open(cut, "wb").write(data[:len(data) // 2])
+    assert np.array_equal(ct_io.read_image(whole).hu, hu)
+    with pytest.raises(ct_io.ScanError, match=f"^{cut}: .*truncated"):
+        ct_io.read_image(cut)

@@ -467,3 +467,44 @@ def test_a_run_folder_of_the_earlier_layout_is_refused(tmp_path):
     (work / "7_fp_reduction").mkdir(parents=True)
     with pytest.raises(SystemExit, match="7_fp_reduction.*6_fp_reduction"):
         fp_reduction.main([f"--WORK_DIR={work}"])
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "stage4", "wrong_geometry"])
+def test_a_given_model_is_checked_before_anything_is_written(trained, tmp_path, kind):
+    """--MODEL=<a corrupt file, a 2D (stage-4-like) network, or patches of another size>: one line naming the
+    model and what is wrong, exit 2-style SystemExit; the run's trained model.keras, config.json and report stay
+    as they were (byte for byte)."""
+    import keras
+    out = os.path.join(trained, "6_fp_reduction")
+    before = {n: open(os.path.join(out, n), "rb").read() for n in ("model.keras", "config.json", "metrics.json")}
+    bad = str(tmp_path / "given" / "model.keras")
+    os.makedirs(os.path.dirname(bad))
+    if kind == "corrupt":
+        open(bad, "wb").write(b"PK\x03\x04 not a keras file")
+        expected = "not a stage-6 model"
+    elif kind == "stage4":
+        inp = keras.Input((32, 32, 3))
+        keras.Model(inp, keras.layers.Conv2D(2, 3, padding="same")(inp)).save(bad)
+        expected = "not a stage-6 model"
+    else:
+        inp = keras.Input((12, 12, 12, 1))
+        keras.Model(inp, keras.layers.Dense(1)(keras.layers.Flatten()(inp))).save(bad)
+        expected = "takes patches of"
+    with pytest.raises(SystemExit, match=f"^{bad}: .*{expected}"):
+        fp_reduction.main([f"--WORK_DIR={trained}", f"--MODEL={bad}", f"--OUT_DIR={out}"])
+    assert {n: open(os.path.join(out, n), "rb").read() for n in before} == before
+
+
+def test_a_given_model_never_replaces_a_model_trained_in_the_folder(trained, tmp_path):
+    """Scoring with another run's model into the folder of a trained one is refused; into its own folder (the
+    same file) or a new folder it scores."""
+    out = os.path.join(trained, "6_fp_reduction")
+    other = str(tmp_path / "other.keras")
+    import shutil
+    shutil.copyfile(os.path.join(out, "model.keras"), other)
+    shutil.copyfile(os.path.join(out, "config.json"), str(tmp_path / "config.json"))
+    before = open(os.path.join(out, "model.keras"), "rb").read()
+    with pytest.raises(SystemExit, match="holds the stage-6 model trained there"):
+        fp_reduction.main([f"--WORK_DIR={trained}", f"--MODEL={other}", f"--OUT_DIR={out}"])
+    assert open(os.path.join(out, "model.keras"), "rb").read() == before
+    assert fp_reduction.main([f"--WORK_DIR={trained}", f"--MODEL={other}", f"--OUT_DIR={tmp_path / 'scored'}"]) == 0

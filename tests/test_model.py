@@ -40,7 +40,7 @@ def synthetic_slices(n, size=64, seed=0):
 
 
 def np_gdl(r, p):
-    """SEED_NOTES's GDL, literally, in float64; an absent class's infinite weight capped to the largest finite one."""
+    """The thesis code's GDL, literally, in float64; an absent class's infinite weight capped to the largest finite one."""
     r = r.reshape(-1, r.shape[-1]).astype("float64")
     p = p.reshape(-1, p.shape[-1]).astype("float64")
     sr = r.sum(0)

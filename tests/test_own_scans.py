@@ -251,3 +251,17 @@ def test_stage5_without_annotations_lists_the_same_candidates_no_metrics(stage1,
         assert os.path.isfile(os.path.join(report, "pictures", "mip", f"{sid}.png"))
     pics = sorted(os.path.basename(p) for p in glob.glob(os.path.join(report, "pictures", "*.png")))
     assert pics == ["candidate_00.png", "candidate_01.png", "candidate_02.png"]
+
+
+def test_a_symlinked_subfolder_of_scans_is_read_once(tmp_path):
+    """A scan in a folder reached through a symbolic link is found (os.walk alone skips it), and a link back up
+    does not make the search loop or list a scan twice."""
+    real = tmp_path / "elsewhere" / "series1"
+    real.mkdir(parents=True)
+    (real / "a.nii.gz").write_bytes(b"")
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / "b.mha").write_bytes(b"")
+    os.symlink(real, tmp_path / "scans" / "linked")
+    os.symlink(tmp_path / "scans", real / "back_up")          # a cycle through the links
+    found = scans.find_own_scans(str(tmp_path / "scans"))
+    assert [os.path.basename(p) for p in found] == ["b.mha", "a.nii.gz"]

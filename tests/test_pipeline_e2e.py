@@ -1,5 +1,5 @@
 """The stages fit together: stages 0-5 run from the shell on a tiny cohort with the real network and
-every contract file of DESIGN.md is there, in the stated shapes and grids."""
+every stage output of the documented layout is there, in the stated shapes and grids."""
 import json
 import os
 

@@ -50,7 +50,7 @@ def test_thesis_lung_mask_is_inflated(cohort):
 
 
 def test_stage1_file_contract_and_nodule_voxels(cohort):
-    """Attributes and arrays as DESIGN.md says; every annotation's centre voxel (from world mm, through
+    """Attributes and arrays as the stage-1 format says; every annotation's centre voxel (from world mm, through
     origin, spacing and direction) is the true centroid, on identity and flipped scans alike."""
     flipped_seen = False
     for s, t in _pairs(cohort["luna"], cohort["data"]):

@@ -1,4 +1,4 @@
-"""Bad inputs and faults (issue 12): each test builds the bad input next to good ones and checks the one line
+"""Bad inputs and faults: each test builds the bad input next to good ones and checks the one line
 printed, the exit status, that the good scans are complete and that no broken file carries a final name.
 Also the kill tests: preprocess.py and training killed with SIGKILL part-way, rerun or resumed, give the same
 outputs as an uninterrupted run."""
@@ -528,3 +528,29 @@ def test_a_really_full_disk_during_stage1_writes(tiny, tmp_path, capsys):
             preprocess.log.removeHandler(h)
             h.close()
         subprocess.run(["umount", str(out)], check=True)
+
+
+def test_a_series_uid_that_points_outside_the_work_dir_is_refused(tmp_path, capsys):
+    """A DICOM series whose SeriesInstanceUID is a path ('../../x') is refused in one line naming the folder; no
+    file is written outside WORK_DIR, and the run goes on with the other scans."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    scans = tmp_path / "scans"
+    for folder, uid in (("hostile", "../../../escaped"), ("good", "1.2.826.0.1.3680043.2.1125.7")):
+        (scans / folder).mkdir(parents=True)
+        for k in range(3):
+            ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+            ds.SeriesInstanceUID = uid
+            ds.InstanceNumber = k + 1
+            ds.ImagePositionPatient = [-158.135803, -179.035797, -75.699997 + 5.0 * k]
+            ds.SOPInstanceUID = f"1.2.826.0.1.3680043.2.1125.{int(folder == 'good')}.{k + 1}"
+            ds.save_as(scans / folder / f"{k}.dcm")
+    work = tmp_path / "a" / "b" / "work"
+    rc = preprocess.main(["--DATASET=scans", f"--INPUT_DIR={scans}", f"--WORK_DIR={work}", "--N_WORKERS=1",
+                          "--MIN_LUNG_ML=0"])
+    failed = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("FAILED")]
+    assert rc == 1 and len(failed) == 1
+    assert "hostile" in failed[0] and "cannot be a file name" in failed[0], failed
+    assert not list(tmp_path.rglob("escaped*"))
+    assert sorted(os.listdir(work / "1_preprocessed")) == ["1.2.826.0.1.3680043.2.1125.7.h5", "config.json",
+                                                           "preprocess.log"]

@@ -215,3 +215,19 @@ def test_stage5_on_dask_matches_the_local_run(pool_run, cluster, tmp_path):
         m.pop("timing")
     assert ml == md
     assert sorted(os.listdir(os.path.join(rl, "pictures"))) == sorted(os.listdir(os.path.join(rd, "pictures")))
+
+
+def test_workers_that_cannot_import_the_stage_are_one_line_before_any_task(cluster, tmp_path):
+    """A stage module the workers cannot import (they were started without it on their path): one line that says
+    how to start them, before any task is sent; no Dask deserialisation error per task."""
+    import dask_tasks
+    (tmp_path / "only_here_stage.py").write_text("def work(task):\n    return task * 2\n")
+    sys.path.insert(0, str(tmp_path))                  # on this process's path only, not on the workers'
+    try:
+        import only_here_stage
+        with pytest.raises(SystemExit, match=r"the workers cannot import only_here_stage .*start each worker .*"
+                                             r"PYTHONPATH="):
+            list(dask_tasks.run_on_cluster(cluster[0], only_here_stage.work, [1, 2, 3]))
+        assert [r for _, r, _ in dask_tasks.run_in_order(cluster[0], dask_tasks.importable, [len])] == [len]
+    finally:
+        sys.path.remove(str(tmp_path))
