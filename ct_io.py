@@ -40,6 +40,7 @@ class Scan:
     path: str = ""
     warnings: list = field(default_factory=list)
     annotated: bool = True            # False: no annotation file was given (own scans): no truth, not "no nodules"
+    resampled_from: tuple = None      # the stored direction, when to_axial resampled a non-axial volume
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -65,6 +66,46 @@ def world_to_voxel(xyz, origin, spacing, direction):
     xyz = np.asarray(xyz, dtype=np.float64)
     ijk = np.linalg.solve(d, (xyz - o).T if xyz.ndim > 1 else (xyz - o)).T / s
     return ijk[..., ::-1]
+
+
+def is_axial(direction, tol=1e-3):
+    """Whether the index axes run along world x, y, z (each possibly flipped): the only geometry the stages
+    assume. Sheared, oblique, tilted or sagittally / coronally stored volumes are not."""
+    d = np.asarray(direction, np.float64).reshape(3, 3)
+    return bool(np.allclose(np.abs(d), np.eye(3), atol=tol))
+
+
+def to_axial(scan):
+    """``scan`` itself when it is axial (is_axial), else resampled (SimpleITK, linear) onto an axial grid with
+    identity direction over the same world extent: each world axis gets the spacing of the index axis most
+    along it, voxels outside the source are air (-1024 HU). A line in ``scan.warnings`` says so. World
+    positions (annotations, candidates) keep their meaning; only the voxel grid changes."""
+    if is_axial(scan.direction):
+        return scan
+    import SimpleITK as sitk
+    o, s, d = _geometry(scan.origin, scan.spacing, scan.direction)
+    if abs(np.linalg.det(d)) < 1e-6:
+        raise ScanError(f"{scan.path}: degenerate direction matrix {tuple(np.round(d.reshape(-1), 4))}")
+    img = sitk.GetImageFromArray(scan.hu)
+    img.SetOrigin(tuple(o))
+    img.SetSpacing(tuple(s))
+    img.SetDirection(tuple(d.reshape(-1)))
+    size = np.array(scan.hu.shape[::-1], np.float64)                # (x, y, z) index extent
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) * (size - 1)
+    world = o + (corners * s) @ d.T
+    out_spacing = s[np.argmax(np.abs(d), axis=1)]                    # world axis <- the index axis along it
+    lo, hi = world.min(axis=0), world.max(axis=0)
+    out_size = [int(np.floor((b - a) / sp + 1e-6)) + 1 for a, b, sp in zip(lo, hi, out_spacing)]
+    out = sitk.Resample(img, out_size, sitk.Transform(), sitk.sitkLinear, tuple(lo), tuple(out_spacing),
+                        (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), -1024.0, sitk.sitkInt16)
+    scan.hu = sitk.GetArrayFromImage(out)
+    scan.resampled_from = tuple(float(v) for v in d.reshape(-1))
+    scan.warnings.append(f"{scan.path}: not stored as axial slices (direction "
+                         f"{tuple(float(v) for v in np.round(d.reshape(-1), 3))}): resampled to an axial grid "
+                         f"{'x'.join(map(str, out_size))} of {'/'.join(f'{v:.2f}' for v in out_spacing)} mm")
+    scan.origin, scan.spacing, scan.direction = tuple(lo), tuple(float(v) for v in out_spacing), (1.0, 0, 0, 0, 1.0,
+                                                                                                    0, 0, 0, 1.0)
+    return scan
 
 
 # ----------------------------------------------------------------------------- HU
@@ -204,9 +245,9 @@ def read_image(path, source="scans"):
         if bad:
             raise ScanError(f"{path}: {bad} of {arr.size} voxels are NaN, infinite or beyond +-{MAX_ABS_HU} HU")
     seriesuid = image_id(path)
-    return Scan(hu=to_hu(arr), origin=tuple(img.GetOrigin()), spacing=tuple(img.GetSpacing()),
-                direction=tuple(img.GetDirection()), seriesuid=seriesuid, patient_id=seriesuid,
-                source=source, path=path)
+    return to_axial(Scan(hu=to_hu(arr), origin=tuple(img.GetOrigin()), spacing=tuple(img.GetSpacing()),
+                         direction=tuple(img.GetDirection()), seriesuid=seriesuid, patient_id=seriesuid,
+                         source=source, path=path))
 
 
 # ----------------------------------------------------------------------------- DICOM
@@ -266,10 +307,24 @@ def read_dicom_series(folder, series_uid=None, allow_z_gaps=False):
         hu = _resample_z(hu, along - along[0], dz)
         warnings.append(f"{gap}; resampled onto {hu.shape[0]} slices {dz:.2f} mm apart")
     ps = [float(v) for v in first.PixelSpacing]     # (row spacing = dy, column spacing = dx)
-    direction = tuple(np.stack([row, col, normal], axis=1).reshape(-1))
-    return Scan(hu=hu, origin=tuple(pos[0]), spacing=(ps[1], ps[0], dz), direction=direction,
-                seriesuid=uid, patient_id=str(first.get("PatientID", "")), source="lidc", path=folder,
-                warnings=warnings)
+    step, dz = _slice_step(pos, normal, dz)           # along the normal, or tilted (gantry tilt: sheared)
+    direction = tuple(np.stack([row, col, step], axis=1).reshape(-1))
+    return to_axial(Scan(hu=hu, origin=tuple(pos[0]), spacing=(ps[1], ps[0], dz), direction=direction,
+                         seriesuid=uid, patient_id=str(first.get("PatientID", "")), source="lidc", path=folder,
+                         warnings=warnings))
+
+
+def _slice_step(pos, normal, dz):
+    """The direction and length of one slice step -> (unit vector, mm): the slice normal and ``dz``, unless the
+    positions move sideways as well (a gantry-tilted series), then the true step from first to last slice."""
+    if len(pos) < 2:
+        return normal, dz
+    total = pos[-1] - pos[0]
+    sideways = total - (total @ normal) * normal
+    if np.linalg.norm(sideways) / (len(pos) - 1) < 1e-3 * max(dz, 1e-6):
+        return normal, dz
+    step = total / (len(pos) - 1)
+    return step / np.linalg.norm(step), float(np.linalg.norm(step))
 
 
 def _pick_series(folder, headers, series_uid):

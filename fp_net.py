@@ -126,8 +126,10 @@ def score_scan(path, model, lookup, side, cfg):
         hu_p = extract_patches(scan["hu"], *geo, xyz[i:i + batch], side, voxel, offsets)
         x = uint8_to_input(to_uint8(hu_p, cfg["HU_WINDOW"]))     # as the training patches are stored
         p6[i:i + len(x)] = predict(model, x, cfg["TTA"], batch)
+    vox = ct_io.world_to_voxel(np.asarray(xyz, np.float64).reshape(-1, 3), *geo).reshape(-1, 3)
+    outside = int(np.sum(((vox < -0.5) | (vox > np.asarray(scan["hu"].shape) - 0.5)).any(axis=1)))
     return {"uid": uid, "xyz": xyz, "p5": p5, "p6": p6, "is_blob": is_blob, "nodules": nodule_arrays(scan["nodules"]),
-            "blob_seconds": blob_sec, "seconds": time.perf_counter() - t0}
+            "blob_seconds": blob_sec, "seconds": time.perf_counter() - t0, "n_outside": outside}
 
 
 # ----------------------------------------------------------------------------- scoring a part (here or on dask)
@@ -181,6 +183,10 @@ def _add_scan(r, how, before, after, writer, tally, cfg):
     """One scored scan: its candidates into the evaluations (stage 5's scores, the final scores) and the files."""
     uid, xyz, p5, p6, is_blob = r["uid"], r["xyz"], r["p5"], r["p6"], r["is_blob"]
     nod_xyz, diam, excl = r["nodules"]
+    if r.get("n_outside"):
+        from tqdm import tqdm
+        tqdm.write(f"warning: {uid}: {r['n_outside']} candidate(s) outside the scan volume (scored on patches of "
+                   f"the repeated edge voxels)", file=sys.stderr)
     score = combine(p5, p6, how)
     after.add(xyz, score, nod_xyz, diam, excl)
     if before is not None:
@@ -224,6 +230,9 @@ def score_scans(model, model_path, paths, table, side, how, out_dir, failed, cfg
             _add_scan(r, how, before, after, writer, tally, cfg)
             bar.set_postfix(candidates=writer.n)
         bar.close()
+        if paths and not tally["seconds"]:            # raised inside the writer: the earlier files stay
+            raise SystemExit(f"every scan failed ({len(paths)}): {out_dir}'s candidates and report are left as "
+                             f"they were")
     return before, after, _timing(tally, writer.n)
 
 

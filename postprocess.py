@@ -299,6 +299,13 @@ def _model_path(cfg):
     path = cfg.MODEL or os.path.join(cfg.WORK_DIR, "4_model", "best.keras")
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: model not found (train one with nasnet_v2_train.py, or give --MODEL=)")
+    config = cfg.MODEL_CONFIG or os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if not os.path.isfile(config):                    # the input geometry would be guessed: say so, or refuse
+        if not os.path.isfile(_table_path(cfg)):
+            raise SystemExit(f"{path}: no config.json beside it (the input geometry it was trained with: pixel size, "
+                             f"crop, context); copy its training folder's config.json beside it, or give "
+                             f"--MODEL_CONFIG=<that config.json>")
+        print(f"{path}: no config.json beside it: the input geometry of {_table_path(cfg)} is used", file=sys.stderr)
     return path
 
 
@@ -445,6 +452,9 @@ def _run(cfg, model_path, dirs):
     predictor = Predictor(model_path, cfg.MODEL_CONFIG, _table_path(cfg), cfg.TTA)
     book = report.PictureBook(cfg.N_PICTURES, cfg.PICTURE_HALF)
     results, failed, timing = _evaluate_scans(paths, predictor, dirs, book, cfg)   # 3. each scan
+    if failed and not results:                        # nothing to report: an earlier report stays as it was
+        print(f"every scan failed ({len(failed)}): {dirs['report']} is left as it was", file=sys.stderr)
+        return 1
     metrics, curves = _metrics(results, failed, timing, predictor, model_path, cfg)  # 4. the metrics
     _write_report(dirs, metrics, curves, results, book, cfg)          # 5. the report
     return _print_outcome(metrics, curves, results, failed, predictor, dirs["report"])   # 6. the summary

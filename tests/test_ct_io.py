@@ -144,3 +144,80 @@ def test_a_truncated_nifti_is_refused_not_read_as_zeros(tmp_path, ext):
     assert np.array_equal(ct_io.read_image(whole).hu, hu)
     with pytest.raises(ct_io.ScanError, match=f"^{cut}: .*truncated"):
         ct_io.read_image(cut)
+
+
+def _ball_in_grid(shape, origin, spacing, direction, centre, radius=6.0):
+    """int16 HU volume (Z, Y, X) of a stored grid (any direction, sheared too): a 100 HU ball of ``radius`` mm
+    at world ``centre`` in -900 HU lung."""
+    zyx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    world = ct_io.voxel_to_world(zyx.astype(float), origin, spacing, direction).reshape(*shape, 3)
+    inside = ((world - np.asarray(centre)) ** 2).sum(-1) <= radius ** 2
+    return np.where(inside, 100, -900).astype(np.int16)
+
+
+def _ball_centre_world(scan):
+    from scipy import ndimage
+    c = np.array(ndimage.center_of_mass(scan.hu > -400))
+    return ct_io.voxel_to_world(c, scan.origin, scan.spacing, scan.direction)
+
+
+SHEARED = (1.0, 0.0, 0.0, 0.0, 1.0, 0.25, 0.0, 0.0, 0.97)           # z steps move along y: a 14-degree shear
+SAGITTAL = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0)            # index x along world y, y along z, z along x
+
+
+@pytest.mark.parametrize("direction", [SHEARED, SAGITTAL], ids=["sheared", "sagittal"])
+def test_a_volume_not_stored_axially_is_resampled_and_the_nodule_stays_at_its_world_point(tmp_path, direction):
+    """A sheared direction matrix or slices stored along x: read onto an axial grid (identity direction, said in
+    the scan's warnings); the ball lands at its world position within a voxel (it used to land 24 mm off)."""
+    shape, origin, spacing = (40, 60, 50), (-20.0, -30.0, -40.0), (1.0, 1.0, 2.0)
+    centre = ct_io.voxel_to_world(np.array([20.0, 30.0, 25.0]), origin, spacing, direction)
+    img = sitk.GetImageFromArray(_ball_in_grid(shape, origin, spacing, direction, centre))
+    img.SetOrigin(origin)
+    img.SetSpacing(spacing)
+    img.SetDirection(direction)
+    path = str(tmp_path / "scan.mha")
+    sitk.WriteImage(img, path)
+    scan = ct_io.read_image(path)
+    assert ct_io.is_axial(scan.direction) and scan.resampled_from is not None
+    assert any("resampled to an axial grid" in w for w in scan.warnings)
+    assert np.linalg.norm(_ball_centre_world(scan) - centre) < 1.0
+
+
+def test_an_axial_volume_flipped_or_not_is_read_as_stored(tmp_path):
+    direction = (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)
+    hu = _ball_in_grid((20, 30, 30), (10.0, 10.0, 0.0), (1.0, 1.0, 2.0), direction, (-5.0, -5.0, 20.0))
+    img = sitk.GetImageFromArray(hu)
+    img.SetOrigin((10.0, 10.0, 0.0))
+    img.SetSpacing((1.0, 1.0, 2.0))
+    img.SetDirection(direction)
+    sitk.WriteImage(img, str(tmp_path / "flipped.mha"))
+    scan = ct_io.read_image(str(tmp_path / "flipped.mha"))
+    assert np.array_equal(scan.hu, hu) and scan.direction == direction and not scan.warnings
+
+
+def test_a_gantry_tilted_dicom_series_is_resampled_and_the_nodule_stays_at_its_world_point(tmp_path):
+    """Slices whose positions also move sideways (gantry tilt, 15 degrees): read onto an axial grid, the ball at
+    its world position within a voxel (read along the slice normal alone it landed far off)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    n, rows, cols, ps, dz, tilt = 30, 64, 64, 1.0, 2.0, np.tan(np.radians(15))
+    origin = np.array([-32.0, -32.0, -30.0])
+    step = np.array([0.0, dz * tilt, dz])                        # each slice 2 mm up and 0.54 mm along y
+    direction = np.stack([[1.0, 0, 0], [0, 1.0, 0], step / np.linalg.norm(step)], axis=1).reshape(-1)
+    centre = origin + np.array([30.0, 28.0, 0.0]) + 15 * step
+    hu = _ball_in_grid((n, rows, cols), origin, (ps, ps, float(np.linalg.norm(step))), direction, centre)
+    folder = tmp_path / "tilted"
+    folder.mkdir()
+    for k in range(n):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.Rows, ds.Columns, ds.PixelSpacing = rows, cols, [ps, ps]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [float(v) for v in origin + k * step]
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = (hu[k].astype(np.int32) + 1024).astype(np.uint16).tobytes()
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.InstanceNumber, ds.SOPInstanceUID = k + 1, f"1.2.3.4.{k + 1}"
+        ds.save_as(folder / f"{k:03d}.dcm")
+    scan = ct_io.read_dicom_series(str(folder))
+    assert ct_io.is_axial(scan.direction) and any("resampled to an axial grid" in w for w in scan.warnings)
+    assert np.linalg.norm(_ball_centre_world(scan) - centre) < 1.0

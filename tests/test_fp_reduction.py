@@ -508,3 +508,39 @@ def test_a_given_model_never_replaces_a_model_trained_in_the_folder(trained, tmp
         fp_reduction.main([f"--WORK_DIR={trained}", f"--MODEL={other}", f"--OUT_DIR={out}"])
     assert open(os.path.join(out, "model.keras"), "rb").read() == before
     assert fp_reduction.main([f"--WORK_DIR={trained}", f"--MODEL={other}", f"--OUT_DIR={tmp_path / 'scored'}"]) == 0
+
+
+def test_scoring_where_every_scan_fails_leaves_the_earlier_files(trained, tmp_path):
+    work = str(tmp_path / "allbad")
+    make_run(work, seed=5)
+    model = os.path.join(trained, "6_fp_reduction", "model.keras")
+    out = str(tmp_path / "scored")
+    assert fp_reduction.main([f"--WORK_DIR={work}", f"--MODEL={model}", f"--OUT_DIR={out}"]) == 0
+    before = {n: open(os.path.join(out, n), "rb").read() for n in ("candidates.csv", "candidates_detail.csv")}
+    for p in glob.glob(os.path.join(work, "1_preprocessed", "*.h5")):
+        open(p, "wb").write(b"damaged")
+    with pytest.raises(SystemExit, match="every scan failed"):
+        fp_reduction.main([f"--WORK_DIR={work}", f"--MODEL={model}", f"--OUT_DIR={out}"])
+    assert {n: open(os.path.join(out, n), "rb").read() for n in before} == before
+
+
+def test_candidate_files_with_nan_scores_or_points_outside_the_scan(trained, tmp_path, capsys):
+    """A probability that is NaN is refused in one line naming the file and line (it would change how the scores
+    combine); a candidate outside its scan's volume is scored but said, one line per scan."""
+    work = str(tmp_path / "edge")
+    scans = make_run(work, seed=8)
+    path = os.path.join(work, "5_report", "candidates.csv")
+    rows = list(csv.reader(open(path)))
+    uid = rows[1][0]
+    bad = str(tmp_path / "nan.csv")
+    with open(bad, "w", newline="") as f:
+        csv.writer(f).writerows(rows[:2] + [[uid, "1.0", "2.0", "3.0", "nan"]])
+    with pytest.raises(SystemExit, match=f"^{bad}: line 3: probability 'nan' is not a finite number"):
+        candidates.CandidateTable([bad])
+    with open(path, "a", newline="") as f:
+        csv.writer(f).writerow([uid, "900.0", "900.0", "900.0", "0.5"])        # far outside the scan
+    model = os.path.join(trained, "6_fp_reduction", "model.keras")
+    assert fp_reduction.main([f"--WORK_DIR={work}", f"--MODEL={model}", f"--OUT_DIR={tmp_path / 'out'}"]) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "outside the scan volume" in ln]
+    assert warned == [f"warning: {uid}: 1 candidate(s) outside the scan volume (scored on patches of the repeated "
+                      f"edge voxels)"]

@@ -260,3 +260,42 @@ def test_test_time_flips_average_the_flipped_scans(tmp_path):
     assert "tta" not in inference.Predictor(path).signature()                  # TTA=1 keeps the earlier cache keys
     with pytest.raises(ValueError, match="TTA"):
         inference.Predictor(path, tta=3)
+
+
+def test_a_model_without_its_input_geometry_is_refused_not_guessed(tmp_path, capsys):
+    """A stage-4 model copied without its config.json, applied to a run without a slice table: one line saying
+    what is missing (it would otherwise run in raw pixels at the wrong geometry); with the run's table, its
+    geometry is used and that is said."""
+    model = tmp_path / "copied" / "best.keras"
+    model.parent.mkdir()
+    model.write_bytes(b"not read before the check")
+    with pytest.raises(SystemExit, match=f"^{model}: no config.json beside it .*--MODEL_CONFIG="):
+        pp.main([f"--WORK_DIR={tmp_path / 'run'}", f"--MODEL={model}", "--SCANS=all"])
+    table = tmp_path / "run" / "2_table" / "slices.h5"
+    table.parent.mkdir(parents=True)
+    table.write_bytes(b"")
+    with pytest.raises(SystemExit, match="no stage-1 folder"):
+        pp.main([f"--WORK_DIR={tmp_path / 'run'}", f"--MODEL={model}", "--SCANS=all"])
+    assert f"the input geometry of {table} is used" in capsys.readouterr().err
+
+
+def test_a_run_where_every_scan_fails_leaves_the_earlier_report(tmp_path, capsys):
+    """Stage 5 whose every scan fails (here: every stage-1 file damaged) exits 1 and leaves the report of the
+    run before byte for byte, instead of replacing it with an empty one."""
+    import tensorflow  # noqa: F401  (the model below)
+    import keras
+    work = tmp_path / "run"
+    (work / "1_preprocessed").mkdir(parents=True)
+    for k in range(2):
+        (work / "1_preprocessed" / f"1.2.{k}.h5").write_bytes(b"damaged")
+    mdir = work / "4_model"
+    mdir.mkdir()
+    inp = keras.Input((None, None, 1))
+    keras.Model(inp, keras.layers.Conv2D(2, 1, activation="softmax")(inp)).save(mdir / "best.keras")
+    (mdir / "config.json").write_text(json.dumps({"CROP": 0, "CONTEXT_SLICES": 1}))
+    report_dir = work / "5_report"
+    report_dir.mkdir()
+    (report_dir / "metrics.json").write_text('{"earlier": "run"}')
+    assert pp.main([f"--WORK_DIR={work}", "--SCANS=all"]) == 1
+    assert "every scan failed (2)" in capsys.readouterr().err
+    assert (report_dir / "metrics.json").read_text() == '{"earlier": "run"}'
