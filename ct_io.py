@@ -298,6 +298,7 @@ def read_dicom_series(folder, series_uid=None, allow_z_gaps=False):
     first = items[0][1]
     if str(first.get("Modality", "")) != "CT":
         raise ScanError(f"{folder}: not a CT series (Modality {first.get('Modality', '?')})")
+    _check_grey_ct(folder, first)
     items, along, pos, (row, col, normal), dz = _sorted_slices(folder, items)
     gap = _gap(folder, along, dz)
     if gap and not allow_z_gaps:
@@ -325,6 +326,19 @@ def _slice_step(pos, normal, dz):
         return normal, dz
     step = total / (len(pos) - 1)
     return step / np.linalg.norm(step), float(np.linalg.norm(step))
+
+
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"     # SOP classes 1.2.840.10008.5.1.4.1.1.7[.x]
+
+
+def _check_grey_ct(folder, ds):
+    """A series of screenshots (secondary capture) or colour images is no CT volume: one line saying which."""
+    samples, photometric = int(ds.get("SamplesPerPixel", 1) or 1), str(ds.get("PhotometricInterpretation", ""))
+    if str(ds.get("SOPClassUID", "")).startswith(_SECONDARY_CAPTURE):
+        raise ScanError(f"{folder}: a secondary-capture series (screenshots, {photometric or 'no photometry'}), "
+                        f"not CT image data")
+    if samples != 1 or (photometric and not photometric.startswith("MONOCHROME")):
+        raise ScanError(f"{folder}: {samples} values per pixel ({photometric}): a colour image, not grey-value CT")
 
 
 def _pick_series(folder, headers, series_uid):

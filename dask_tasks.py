@@ -23,6 +23,22 @@ DASK_CONNECT_S = 10            # seconds to wait for the scheduler at the addres
 _ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def plain_tcp_warning(address):
+    """A one-line warning when ``address`` is a plain tcp:// scheduler on another host (whoever reaches a Dask
+    scheduler runs code on its workers: use tls:// with Dask's security configuration, or a private network);
+    None for tls://, inproc, or this host."""
+    import socket
+    from urllib.parse import urlsplit
+    if not address.startswith("tcp://"):
+        return None
+    host = urlsplit(address).hostname or ""
+    local = {"localhost", "127.0.0.1", "::1", "0.0.0.0", socket.gethostname(), socket.getfqdn()}
+    if host in local or host.startswith("127."):
+        return None
+    return (f"warning: DASK_SCHEDULER {address} is plain tcp:// to another host: anyone who can reach it can run "
+            f"code on the workers; use tls:// (docs/scale_out.md) or a private network")
+
+
 def check_workers(client, module, address):
     """Exit with one line saying what to do when the cluster's workers cannot import ``module`` (started without
     this project on their path): checked once, before any task is sent."""
@@ -55,10 +71,17 @@ def run_on_cluster(address, fn, tasks, names=None):
                          "(pip install -r requirements.txt)") from None
     tasks = list(tasks)
     names = list(names) if names is not None else [str(t) for t in tasks]
+    warning = plain_tcp_warning(address)
+    if warning:
+        print(warning, file=sys.stderr)
     try:
-        client = Client(address, timeout=DASK_CONNECT_S)
+        client = Client(address, timeout=DASK_CONNECT_S)     # tls://: certificates from Dask's configuration
     except OSError as e:
         raise SystemExit(f"DASK_SCHEDULER {address}: cannot connect ({e})") from None
+    except (TypeError, ValueError) as e:              # tls:// without certificates: "TLS expects a ssl_context ..."
+        raise SystemExit(f"DASK_SCHEDULER {address}: no TLS certificates in Dask's configuration "
+                         f"(distributed.comm.tls.ca-file, .client.cert, .client.key; docs/scale_out.md): "
+                         f"{' '.join(str(e).split())[:120]}") from None
     try:
         fn = importable(fn)
         check_workers(client, fn.__module__, address)

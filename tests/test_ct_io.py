@@ -221,3 +221,23 @@ def test_a_gantry_tilted_dicom_series_is_resampled_and_the_nodule_stays_at_its_w
     scan = ct_io.read_dicom_series(str(folder))
     assert ct_io.is_axial(scan.direction) and any("resampled to an axial grid" in w for w in scan.warnings)
     assert np.linalg.norm(_ball_centre_world(scan) - centre) < 1.0
+
+
+@pytest.mark.parametrize("kind", ["rgb", "secondary_capture"])
+def test_colour_and_secondary_capture_dicom_are_named_as_such(tmp_path, kind):
+    import pydicom
+    from pydicom.data import get_testdata_file
+    folder = tmp_path / kind
+    folder.mkdir()
+    for k in range(2):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.ImagePositionPatient = [0.0, 0.0, 5.0 * k]
+        ds.SOPInstanceUID = f"1.2.3.9.{k + 1}"
+        if kind == "rgb":
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 3, "RGB"
+        else:
+            ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ds.save_as(folder / f"{k}.dcm")
+    expected = "a colour image, not grey-value CT" if kind == "rgb" else "a secondary-capture series"
+    with pytest.raises(ct_io.ScanError, match=f"^{folder}: .*{expected}"):
+        ct_io.read_dicom_series(str(folder))

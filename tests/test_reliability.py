@@ -297,6 +297,9 @@ def test_a_read_only_output_folder_is_one_line(tiny, tmp_path, read_only, capsys
     assert table.main([f"--WORK_DIR={work}", f"--OUT_DIR={read_only}", "--PIXEL_MM=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"{read_only}: cannot write the output folder"), err
+    import fp_reduction                               # stage 6 too: one line, no traceback
+    with pytest.raises(SystemExit, match=f"^{read_only}: cannot write the output folder"):
+        fp_reduction.main([f"--WORK_DIR={work}", f"--OUT_DIR={read_only}"])
 
 
 # ----------------------------------------------------------------------------- DICOM series

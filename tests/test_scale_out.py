@@ -231,3 +231,38 @@ def test_workers_that_cannot_import_the_stage_are_one_line_before_any_task(clust
         assert [r for _, r, _ in dask_tasks.run_in_order(cluster[0], dask_tasks.importable, [len])] == [len]
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_plain_tcp_to_another_host_is_warned_tls_and_local_are_not():
+    import dask_tasks
+    assert "plain tcp://" in dask_tasks.plain_tcp_warning("tcp://10.0.0.5:8786")
+    for quiet in ("tcp://127.0.0.1:8786", "tcp://localhost:8786", "tls://10.0.0.5:8786", "inproc://x"):
+        assert dask_tasks.plain_tcp_warning(quiet) is None, quiet
+
+
+def test_a_tls_scheduler_with_dasks_certificates(tmp_path):
+    """tls:// addresses: the certificates come from Dask's own configuration (distributed.comm.tls.*); without
+    them, one line says what to configure."""
+    import shutil
+    import subprocess
+    import dask
+    import dask_tasks
+    distributed = pytest.importorskip("distributed")
+    from distributed.security import Security
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl to make a test certificate")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-nodes", "-newkey", "rsa:2048", "-days", "1", "-keyout", key, "-out",
+                    cert, "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    sec = Security(tls_ca_file=cert, tls_scheduler_cert=cert, tls_scheduler_key=key, tls_worker_cert=cert,
+                   tls_worker_key=key, tls_client_cert=cert, tls_client_key=key, require_encryption=True)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, protocol="tls://", security=sec,
+                                  dashboard_address=None, silence_logs=40) as c:
+        assert c.scheduler_address.startswith("tls://")
+        config = {"distributed.comm.tls.ca-file": cert, "distributed.comm.tls.client.cert": cert,
+                  "distributed.comm.tls.client.key": key, "distributed.comm.require-encryption": True}
+        with dask.config.set(config):
+            assert [r for _, r, _ in dask_tasks.run_in_order(c.scheduler_address, abs, [-1, -2])] == [1, 2]
+        with pytest.raises(SystemExit, match="no TLS certificates in Dask's configuration"):
+            list(dask_tasks.run_on_cluster(c.scheduler_address, abs, [-1]))
