@@ -163,6 +163,10 @@ def _lungs(scan, path, cfg):
     if lung_ml < cfg["MIN_LUNG_ML"]:
         raise ScanError(f"{path}: no lungs found: lung mask {lung_ml:.0f} ml < MIN_LUNG_ML "
                         f"({cfg['MIN_LUNG_ML']:.0f} ml)")
+    inside = scan.hu[lungs > 0]
+    if lung_ml > 0 and np.count_nonzero(inside < -900) == 0:      # aerated lung always has voxels below -900 HU
+        scan.warnings.append(f"{path}: the lungs hold no air: no voxel below -900 HU inside the lung mask "
+                             f"(median {float(np.median(inside)):.0f} HU); check the scan's HU rescale")
     return lungs
 
 

@@ -557,3 +557,20 @@ def test_a_series_uid_that_points_outside_the_work_dir_is_refused(tmp_path, caps
     assert not list(tmp_path.rglob("escaped*"))
     assert sorted(os.listdir(work / "1_preprocessed")) == ["1.2.826.0.1.3680043.2.1125.7.h5", "config.json",
                                                            "preprocess.log"]
+
+
+def test_lungs_without_air_are_said(tiny, tmp_path, capsys):
+    """A scan whose lungs are not air (every voxel below -900 HU made soft tissue, as a wrong rescale would):
+    preprocessed, with one warning about the lungs; the untouched scans get none."""
+    import SimpleITK as sitk
+    luna, mhds = _luna(tiny, tmp_path)
+    img = sitk.ReadImage(mhds[0])
+    arr = sitk.GetArrayFromImage(img)
+    dense = sitk.GetImageFromArray(np.where(arr < -900, 40, arr).astype(arr.dtype))
+    dense.CopyInformation(img)
+    sitk.WriteImage(dense, mhds[0])
+    rc, failed = _preprocess(luna, str(tmp_path / "work"), capsys)
+    log = open(tmp_path / "work" / "1_preprocessed" / "preprocess.log").read().splitlines()
+    warned = [ln for ln in log if "the lungs hold no air" in ln]
+    assert rc == 0 and not failed
+    assert len(warned) == 1 and os.path.basename(mhds[0]) in warned[0], warned
