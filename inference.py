@@ -99,6 +99,21 @@ class Predictor:
         return network_input.InputGeometry(shape, spacing, self.crop, self.context or 1, self.pixel_mm,
                                            self.crop_mm, self.context_mm)
 
+    def check(self):
+        """Load the model and check it against the settings it comes with (its input channels against
+        CONTEXT_SLICES) before any scan: SystemExit with one line when they disagree."""
+        if self._loaded is None:
+            t0 = time.perf_counter()
+            self._loaded = load_model(self.model_path)
+            self.load_seconds += time.perf_counter() - t0
+        shape = self._loaded.input_shape
+        if len(shape) != 4:
+            raise SystemExit(f"{self.model_path}: not a stage-4 model (input {shape[1:]}; expected slices "
+                             f"(height, width, channels))")
+        if self.context is not None and int(shape[-1]) != self.context:
+            raise SystemExit(f"{self.model_path}: the model takes {shape[-1]} channel(s), its settings say "
+                             f"CONTEXT_SLICES={self.context}: give --MODEL_CONFIG=<the config.json it was trained with>")
+
     def model_for(self, hw):
         """A model taking (h, w) slices: the saved one when its input size is free or equal, else rebuilt."""
         hw = tuple(int(v) for v in hw)

@@ -450,6 +450,7 @@ def _run(cfg, model_path, dirs):
     """Steps 2-6 of main(), with the report folder held by this run."""
     paths = _scan_paths(cfg)                                          # 2. the scans of the part
     predictor = Predictor(model_path, cfg.MODEL_CONFIG, _table_path(cfg), cfg.TTA)
+    predictor.check()                                                 # the model against its settings, first
     book = report.PictureBook(cfg.N_PICTURES, cfg.PICTURE_HALF)
     results, failed, timing = _evaluate_scans(paths, predictor, dirs, book, cfg)   # 3. each scan
     if failed and not results:                        # nothing to report: an earlier report stays as it was

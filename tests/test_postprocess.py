@@ -299,3 +299,23 @@ def test_a_run_where_every_scan_fails_leaves_the_earlier_report(tmp_path, capsys
     assert pp.main([f"--WORK_DIR={work}", "--SCANS=all"]) == 1
     assert "every scan failed (2)" in capsys.readouterr().err
     assert (report_dir / "metrics.json").read_text() == '{"earlier": "run"}'
+
+
+def test_a_config_that_disagrees_with_its_model_stops_before_any_scan(tmp_path):
+    """config.json says one input channel, the model takes three: one line before any scan is read, and the
+    earlier report stays (it used to fail every scan and replace the report with an empty one)."""
+    import keras
+    work = tmp_path / "run"
+    (work / "1_preprocessed").mkdir(parents=True)
+    (work / "1_preprocessed" / "1.2.3.h5").write_bytes(b"never read")
+    mdir = work / "4_model"
+    mdir.mkdir()
+    inp = keras.Input((None, None, 3))
+    keras.Model(inp, keras.layers.Conv2D(2, 1, activation="softmax")(inp)).save(mdir / "best.keras")
+    (mdir / "config.json").write_text(json.dumps({"CROP": 0, "CONTEXT_SLICES": 1}))
+    (work / "5_report").mkdir()
+    (work / "5_report" / "metrics.json").write_text("{}")
+    with pytest.raises(SystemExit, match="takes 3 channel\\(s\\), its settings say CONTEXT_SLICES=1"):
+        pp.main([f"--WORK_DIR={work}", "--SCANS=all"])
+    assert (work / "5_report" / "metrics.json").read_text() == "{}"
+    assert not list((work / "5_predictions").glob("*.h5"))
