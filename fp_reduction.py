@@ -94,24 +94,24 @@ VOXEL_MM = 1.0                  # isotropic voxel size of the patch in mm (side 
 HU_WINDOW = (-1000.0, 400.0)    # HU clipped to this range and scaled to [-1, 1]
 WIDTH = 16                      # filters of the first convolution block (doubled in each further block) [>= 1]
 BLOCKS = 3                      # convolution blocks (conv 3x3x3 + batch norm + ReLU + max-pool 2) [>= 1]
-DENSE = 64                      # units of the hidden dense layer
-DROPOUT = 0.3                   # dropout before each dense layer
+DENSE = 64                      # units of the hidden dense layer [>= 1]
+DROPOUT = 0.3                   # dropout before each dense layer [0 .. 1]
 BATCH_SIZE = 32                 # patches per training step [>= 1]
 EPOCHS = 10                     # epochs of STEPS_PER_EPOCH steps (a fixed number of steps: same result on any machine) [>= 1]
 STEPS_PER_EPOCH = 50            # training steps per epoch [>= 1]
 LR = 1e-3                       # Adam learning rate [> 0]
-MAX_MINUTES = 0.0               # stop after the epoch that passes this much training time (0 = no limit; a safety stop)
+MAX_MINUTES = 0.0               # stop after the epoch that passes this much training time (0 = no limit; a safety stop) [>= 0]
 POS_FRACTION = 0.5              # share of positives in every training batch (positives are oversampled) [0 .. 1]
-JITTER = 0.5                    # nodule-centre positives: moved up to this fraction of the radius at each draw (<= MAX_SHIFT_MM)
-SHIFT_MM = 2.0                  # every training patch moved up to this (mm, each axis)
-MAX_SHIFT_MM = 4.0              # largest move in mm (jitter + shift): the margin stored around training patches
+JITTER = 0.5                    # nodule-centre positives: moved up to this fraction of the radius at each draw (<= MAX_SHIFT_MM) [>= 0]
+SHIFT_MM = 2.0                  # every training patch moved up to this (mm, each axis) [>= 0]
+MAX_SHIFT_MM = 4.0              # largest move in mm (jitter + shift): the margin stored around training patches [>= 0]
 SCALE = 0.1                     # training patches scaled by a factor in [1 - SCALE, 1 + SCALE]
 AUGMENT = True                  # flips, 90-degree rotations, shifts and scales of the training patches
-HARD_NEG_PER_SCAN = 100         # false-positive candidates kept per training scan as hard negatives (highest scored)
-RANDOM_NEG_PER_SCAN = 20        # random lung-mask points per training scan (negatives)
-DENSE_NEG_PER_SCAN = 60         # random lung-mask points denser than DENSE_HU per training scan (vessel-like negatives)
+HARD_NEG_PER_SCAN = 100         # false-positive candidates kept per training scan as hard negatives (highest scored) [>= 0]
+RANDOM_NEG_PER_SCAN = 20        # random lung-mask points per training scan (negatives) [>= 0]
+DENSE_NEG_PER_SCAN = 60         # random lung-mask points denser than DENSE_HU per training scan (vessel-like negatives) [>= 0]
 DENSE_HU = -500.0               # HU above which a lung-mask voxel counts as dense
-NEG_MARGIN_MM = 5.0             # random negatives lie farther than an annotation's radius + this from its centre
+NEG_MARGIN_MM = 5.0             # random negatives lie farther than an annotation's radius + this from its centre [>= 0]
 COMBINE = "auto"                # final score: "fp" (stage 6), "product" (stage 5 x stage 6), "mean", "auto" (best on val)
 THRESHOLD = 0.5                 # operating point: candidates whose final score is above this are detections [0 .. 1]
 MAX_CANDIDATES = 100            # candidates evaluated per scan, the highest scored (LUNA16's rule, metrics.top_candidates) [>= 1]
@@ -125,11 +125,11 @@ DASK_SCHEDULER = ""             # "" = scans scored here; "tcp://host:8786" = ea
 BLOB_CANDIDATES = 0             # candidates per scan added from the image (3D blob detector in the lung mask); 0 = off [>= 0]
 BLOB_MM = 1.25                  # isotropic voxel (mm) of the grid the blob detector resamples the HU volume to [> 0]
 BLOB_DIAMETERS_MM = (3.0, 12.0) # smallest and largest blob diameter looked for (mm)
-BLOB_SCALES = 4                 # Laplacian-of-Gaussian scales, log-spaced over BLOB_DIAMETERS_MM
+BLOB_SCALES = 4                 # Laplacian-of-Gaussian scales, log-spaced over BLOB_DIAMETERS_MM [>= 1]
 BLOB_HU = (-1000.0, 100.0)      # HU clipped to this range before filtering (bone and contrast do not outshine nodules)
 BLOB_MIN_HU = -750.0            # a blob's centre (resampled HU) must be denser than this
-BLOB_LUNG_DILATE_MM = 2.5       # the stage-1 lung mask dilated this much (nodules on the pleura count)
-BLOB_MERGE_MM = 5.0             # a blob within this of a stage-5 candidate or of a stronger blob is dropped
+BLOB_LUNG_DILATE_MM = 2.5       # the stage-1 lung mask dilated this much (nodules on the pleura count) [>= 0]
+BLOB_MERGE_MM = 5.0             # a blob within this of a stage-5 candidate or of a stronger blob is dropped [>= 0]
 BLOB_SCORE = 0.0                # the stage-5 probability given to a blob candidate
 BLOB_RANK = "hessian"           # blobs ranked by "hessian" (the Hessian's weakest curvature: ~0 on vessels) or "log"
 

@@ -48,18 +48,18 @@ VARIANT = "figure3"            # "figure3" (thesis figure), "thesis_code" (heavi
 WEIGHTS = ""                   # optional weights file to start from (ImageNet NASNetMobile .h5, .weights.h5, .keras)
 OPTIMIZER = "adam"             # "adam", or "sgd" (the thesis's surviving script: SGD + momentum 0.9)
 LR = 1e-3                      # learning rate (the thesis's fine-tuning script: 1e-7 with SGD) [> 0]
-MOMENTUM = 0.9                 # SGD momentum
+MOMENTUM = 0.9                 # SGD momentum [0 .. 1]
 BATCH_SIZE = 12                # slices per batch (thesis: 12) [>= 1]
 EPOCHS = 30                    # epochs (an epoch = STEPS_PER_EPOCH batches, or the whole training index) [>= 1]
-STEPS_PER_EPOCH = 0            # batches per epoch; 0 = all training rows once
-VAL_MAX_BATCHES = 0            # validation batches per epoch; 0 = the whole validation index
-MAX_MINUTES = 0.0              # stop after the epoch that passes this much training time (0 = no limit)
+STEPS_PER_EPOCH = 0            # batches per epoch; 0 = all training rows once [>= 0]
+VAL_MAX_BATCHES = 0            # validation batches per epoch; 0 = the whole validation index [>= 0]
+MAX_MINUTES = 0.0              # stop after the epoch that passes this much training time (0 = no limit) [>= 0]
 AUGMENT = True                 # flips + rotation (thesis)
-ROT_DEG = 6.0                  # rotation uniform in +-ROT_DEG degrees (thesis: 6)
-ZOOM = 0.0                     # zoom uniform in [1 - ZOOM, 1 + ZOOM] (thesis: none)
+ROT_DEG = 6.0                  # rotation uniform in +-ROT_DEG degrees (thesis: 6) [>= 0]
+ZOOM = 0.0                     # zoom uniform in [1 - ZOOM, 1 + ZOOM] (thesis: none) [0 .. 1]
 LABEL_INTERP = "nearest"       # rotated labels: "nearest", "threshold" (bilinear >= 0.5), "truncate" (thesis bug)
-TRAIN_CROP = 0                 # train on random crops of this side (px, multiple of 32); 0 = whole slices (thesis)
-CROP_NODULE_P = 0.8            # share of training crops placed on a nodule
+TRAIN_CROP = 0                 # train on random crops of this side (px, multiple of 32); 0 = whole slices (thesis) [>= 0]
+CROP_NODULE_P = 0.8            # share of training crops placed on a nodule [0 .. 1]
 INTENSITY = True               # intensity augmentation (blur, sharpen, noise, contrast, brightness, gamma in HU,
                                # each (probability, low, high) below); False = geometry only, as the thesis
 AUG_BLUR = (0.15, 0.3, 1.0)    # (probability, low, high): Gaussian blur sigma, px (a softer reconstruction kernel)
@@ -70,20 +70,20 @@ AUG_BRIGHTNESS = (0.3, -50.0, 50.0)  # HU shift (calibration, depth of inspirati
 AUG_GAMMA = (0.3, 0.7, 1.4)    # gamma on the [-1000, 400] HU window (values outside it left alone)
 SAMPLING = "slice"             # "slice": every table row once per epoch (thesis); "nodule": each nodule equally likely
                                # (small ones as often as large), crops on one nodule / on vessel look-alikes
-NEG_FRACTION = 0.3             # SAMPLING="nodule": share of each epoch drawn among slices without nodules
-BN_MOMENTUM = 0.99             # momentum of every BN layer (Keras's NASNetMobile: 0.9997); 0 = keep Keras's
-BN_REESTIMATE_BATCHES = 8      # training batches used to re-estimate BN statistics each epoch (0 = off)
-REDUCE_LR_PATIENCE = 0         # halve the learning rate after this many epochs without a better val Dice (0 = off)
+NEG_FRACTION = 0.3             # SAMPLING="nodule": share of each epoch drawn among slices without nodules [0 .. 1]
+BN_MOMENTUM = 0.99             # momentum of every BN layer (Keras's NASNetMobile: 0.9997); 0 = keep Keras's [0 .. 1]
+BN_REESTIMATE_BATCHES = 8      # training batches used to re-estimate BN statistics each epoch (0 = off) [>= 0]
+REDUCE_LR_PATIENCE = 0         # halve the learning rate after this many epochs without a better val Dice (0 = off) [>= 0]
 LR_DECAY_EPOCHS = 0            # the last this many epochs cool the learning rate linearly towards 0 (LR x k / (n + 1),
-                               # k = n ... 1; set at each epoch's start, so a resumed run gets the same); 0 = constant LR
-EARLY_STOP_PATIENCE = 0        # stop after this many epochs without a better val Dice (0 = off)
+                               # k = n ... 1; set at each epoch's start, so a resumed run gets the same); 0 = constant LR [>= 0]
+EARLY_STOP_PATIENCE = 0        # stop after this many epochs without a better val Dice (0 = off) [>= 0]
 RESUME = False                 # continue from OUT_DIR/last.keras and state.json
 SEED = 85                      # weights init, shuffling and augmentation (thesis split seed: 85)
 MIXED_PRECISION = False        # float16 compute on a GPU (ignored on the CPU)
 JIT_COMPILE = False            # XLA compilation of the training step (see benchmarks/bench_model.py)
-WORKERS = 2                    # threads computing batches (0 = in the training process)
+WORKERS = 2                    # threads computing batches (0 = in the training process) [>= 0]
 USE_MULTIPROCESSING = False    # processes instead of threads (each batch is then pickled back: slower here)
-LOG_EVERY = 0                  # print the loss every this many batches (0 = Keras's progress bar only)
+LOG_EVERY = 0                  # print the loss every this many batches (0 = Keras's progress bar only) [>= 0]
 DISTRIBUTE = ""                # "" = one device; "data_parallel" = BATCH_SIZE split over all visible devices
                                # (JAX: keras.distribution.DataParallel; TensorFlow: MirroredStrategy; see distribute())
 

@@ -76,23 +76,23 @@ CANDIDATE_PEAK = 0.5            # a candidate's center: center of mass of its vo
 CANDIDATE_SPLIT_MM = 0.0        # > 0: every local maximum of a component (none higher within this many mm along each
                                 # axis) is a candidate of its own, so a faint small nodule touching a vessel's component
                                 # is not hidden behind the vessel's maximum; 0 = one candidate per component (measured on
-                                # the selection cohort: same recall, CPM after stage 6 0.577 vs 0.591 at 0.02: off)
-CANDIDATE_SPLIT_DIP = 0.3       # ... if the probability dips by this share of its maximum towards the nearest higher one
+                                # the selection cohort: same recall, CPM after stage 6 0.577 vs 0.591 at 0.02: off) [>= 0]
+CANDIDATE_SPLIT_DIP = 0.3       # ... if the probability dips by this share of its maximum towards the nearest higher one [0 .. 1]
 LUNG_GATE = True                # probability outside the stage-1 lung mask is set to 0 (the network's input is 0 there)
 BINARIZE = "threshold"          # or "kmeans": the thesis's per-slice 2-cluster K-means + erosion (reproduction only)
-KMEANS_EROSION = 3              # BINARIZE="kmeans": side in pixels of the square erosion element (0 = none)
+KMEANS_EROSION = 3              # BINARIZE="kmeans": side in pixels of the square erosion element (0 = none) [>= 0]
 BATCH_SIZE = 8                  # slices per prediction call [>= 1]
 TTA = 4                         # test-time augmentation: mean over this many flips of the slice: 1 = none (thesis),
                                 # 2 = + left-right, 4 = + up-down and both; inference time x TTA (4 vs 1 on the selection
                                 # cohort: candidate recall 76.5 vs 72.5 %, CPM after stage 6 0.669 vs 0.591)
-CONNECTIVITY = 3                # 3D components: 1 = 6 face neighbours, 2 = 18 (+edges), 3 = 26 (+corners)
+CONNECTIVITY = 3                # 3D components: 1 = 6 face neighbours, 2 = 18 (+edges), 3 = 26 (+corners) [one of: 1, 2, 3]
 MIN_COMPONENT_VOXELS = 1        # components with fewer voxels are removed from the mask and are no candidates [>= 1]
 PROB_DTYPE = "float16"          # how /prob is stored: "float16" or "float32"
 SIZE_BINS = (5.0, 10.0, 20.0)   # diameter bin edges in mm for the breakdowns: <5, 5-10, 10-20, >=20
 FROC_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # false positives per scan where CPM reads the sensitivity
 WRITE_NIFTI = True              # write each scan's mask as <seriesuid>.nii.gz in the scan's geometry
-N_PICTURES = 8                  # overlay PNGs per kind: found, missed, false
-PICTURE_HALF = 32               # half-width in pixels of an overlay's crop (grown for large nodules)
+N_PICTURES = 8                  # overlay PNGs per kind: found, missed, false [>= 0]
+PICTURE_HALF = 32               # half-width in pixels of an overlay's crop (grown for large nodules) [>= 4]
 WRITE_MIP = True                # a maximum-intensity-projection montage of the probability per scan
 OVERWRITE = False               # recompute predictions even when one from the same model, settings, stage-1 file exists
 DASK_SCHEDULER = ""             # "" = scans predicted here, one after another; "tcp://host:8786" = each scan a task on

