@@ -94,3 +94,22 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_and_released(tmp_path):
     with runfiles.hold(folder, "again"):                # and the folder is free again
         pass
     assert time.time() - t0 < 1
+
+
+def test_a_second_preprocess_into_a_held_folder_is_refused_before_touching_it(tmp_path):
+    """Two preprocess.py runs into one WORK_DIR: the second is refused in one line before it writes anything
+    (it used to fail with a misleading disk-full message and leave config.json disagreeing with the files)."""
+    import preprocess
+    folder = str(tmp_path / "1_preprocessed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=root, folder=folder)], stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        (tmp_path / "scans").mkdir()
+        with pytest.raises(SystemExit, match=f"^{folder}: in use by a test holder"):
+            preprocess.main(["--DATASET=luna16", f"--INPUT_DIR={tmp_path / 'scans'}", f"--WORK_DIR={tmp_path}"])
+        assert os.listdir(folder) == [".lock"]
+    finally:
+        p.kill()
+        p.wait()
