@@ -26,7 +26,6 @@ neither listed nor settable. ``save_config(cfg, folder)`` writes the settings be
 ``config.json``.
 """
 import ast
-import json
 import os
 import sys
 

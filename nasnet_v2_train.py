@@ -380,7 +380,6 @@ def start_or_resume(cfg, folder, image_shape, devices):
 def train(cfg, devices=1):
     """Stage 4 with the settings ``cfg`` on ``devices`` (distribute) -> exit status."""
     import nasnet_v2  # noqa: F401  (first: it sets TensorFlow's CPU allocator before any tensor exists)
-    import keras
     # 1. the inputs (stages 2 and 3) and the output folder
     table_path, split_dir, folder = run_paths(cfg)
     with runfiles.hold(folder, "nasnet_v2_train.py"):             # one run at a time in the folder

@@ -30,6 +30,34 @@ def cohort(tmp_path_factory):
     return dict(data=data, luna=luna, lidc=lidc, index=index)
 
 
+_KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+name, n = os.environ["KILL_AT"].split(":") if os.environ.get("KILL_AT") else ("", "0")
+seen, real = [0], os.replace
+def replace(a, b):                 # SIGKILL just before the n-th rename of a file named *name
+    if name and str(a).endswith(name):
+        seen[0] += 1
+        if seen[0] == int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(a, b)
+os.replace = replace
+{setup}
+import {module}
+sys.exit({module}.main(sys.argv[1:]))
+"""
+
+
+def run_killable(module, args, kill_at="", setup=""):
+    """Run stage ``module`` with ``args`` in its own process, SIGKILLed just before the n-th rename of a file
+    whose name ends in NAME (``kill_at`` = "NAME:n"; "" = not killed); ``setup``: Python lines run first."""
+    import subprocess
+    env = dict(os.environ, KILL_AT=kill_at, TF_CPP_MIN_LOG_LEVEL="2")
+    code = _KILLER.format(root=ROOT, module=module, setup=setup)
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
 def run_stage(script, *args, work):
     """Run a stage script as a user does (its own process); fail with its output if it fails."""
     import subprocess

@@ -9,15 +9,14 @@ import csv
 import glob
 import json
 import os
-import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 import candidates
 import ct_io
+from conftest import run_killable
 import fp_net
 import fp_patches
 import fp_reduction
@@ -388,28 +387,11 @@ def test_scoring_on_dask_matches_the_local_run(trained, tmp_path):
 
 # ----------------------------------------------------------------------------- a kill in the middle of a checkpoint
 
-_KILLER = textwrap.dedent("""
-    import os, signal, sys
-    sys.path.insert(0, {root!r})
-    name, n = os.environ["KILL_AT"].split(":") if os.environ.get("KILL_AT") else ("", "0")
-    seen, real = [0], os.replace
-    def replace(a, b):                 # SIGKILL just before the n-th rename of a file named *name
-        if name and str(a).endswith(name):
-            seen[0] += 1
-            if seen[0] == int(n):
-                os.kill(os.getpid(), signal.SIGKILL)
-        return real(a, b)
-    os.replace = replace
-    import fp_reduction
-    sys.exit(fp_reduction.main(sys.argv[1:]))
-""")
 KILL_ARGS = ["--EPOCHS=3", *TINY]
 
 
 def _run_killable(args, kill_at=""):
-    env = dict(os.environ, KILL_AT=kill_at, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-c", _KILLER.format(root=ROOT), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_killable("fp_reduction", args, kill_at)
 
 
 def _training_record(out):
@@ -528,7 +510,7 @@ def test_candidate_files_with_nan_scores_or_points_outside_the_scan(trained, tmp
     """A probability that is NaN is refused in one line naming the file and line (it would change how the scores
     combine); a candidate outside its scan's volume is scored but said, one line per scan."""
     work = str(tmp_path / "edge")
-    scans = make_run(work, seed=8)
+    make_run(work, seed=8)
     path = os.path.join(work, "5_report", "candidates.csv")
     rows = list(csv.reader(open(path)))
     uid = rows[1][0]

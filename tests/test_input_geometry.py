@@ -8,7 +8,6 @@ The same analytic phantom (a lung with a nodule at known world coordinates) is r
 - PIXEL_MM=0 is the thesis's raw crop, exactly.
 """
 import json
-import os
 
 import numpy as np
 import pytest

@@ -282,7 +282,6 @@ def test_a_model_without_its_input_geometry_is_refused_not_guessed(tmp_path, cap
 def test_a_run_where_every_scan_fails_leaves_the_earlier_report(tmp_path, capsys):
     """Stage 5 whose every scan fails (here: every stage-1 file damaged) exits 1 and leaves the report of the
     run before byte for byte, instead of replacing it with an empty one."""
-    import tensorflow  # noqa: F401  (the model below)
     import keras
     work = tmp_path / "run"
     (work / "1_preprocessed").mkdir(parents=True)

@@ -3,7 +3,6 @@ cohort, world coordinates through both readers (identity and flipped), the LIDC 
 per-scan file contract, and bad inputs (one clear line, the scan skipped, the others finished, exit 1)."""
 import glob
 import os
-import shutil
 
 import numpy as np
 import pytest

@@ -9,13 +9,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 import ct_io
+from conftest import run_killable
 import preprocess
 import synthetic_ct
 
@@ -381,29 +380,9 @@ def test_two_series_in_one_folder_are_two_scans_each_read_once(lidc, tmp_path, c
 
 # ----------------------------------------------------------------------------- kill -9
 
-_KILLER = textwrap.dedent("""
-    import os, signal, sys
-    sys.path.insert(0, {root!r})
-    name, n = os.environ["KILL_AT"].split(":") if os.environ.get("KILL_AT") else ("", "0")
-    seen, real = [0], os.replace
-    def replace(a, b):                 # SIGKILL just before the n-th rename of a file named *name
-        if name and str(a).endswith(name):
-            seen[0] += 1
-            if seen[0] == int(n):
-                os.kill(os.getpid(), signal.SIGKILL)
-        return real(a, b)
-    os.replace = replace
-    import nasnet_v2
-    nasnet_v2.UNET_BASE_FILTERS, nasnet_v2.UNET_DEPTH = 4, 2      # a tiny U-Net: the test is about files
-    import {module}
-    sys.exit({module}.main(sys.argv[1:]))
-""")
-
-
 def _run_killable(module, args, kill_at=""):
-    env = dict(os.environ, KILL_AT=kill_at, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-c", _KILLER.format(root=ROOT, module=module), *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    setup = "import nasnet_v2\nnasnet_v2.UNET_BASE_FILTERS, nasnet_v2.UNET_DEPTH = 4, 2   # a tiny U-Net: the test is about files"
+    return run_killable(module, args, kill_at, setup)
 
 
 def _stage1_contents(work):
