@@ -199,32 +199,28 @@ def _disc(radius_px):
     return (yy ** 2 + xx ** 2 <= r * r).astype(np.uint8)
 
 
-def _border_labels(lab, n):
-    """Boolean (n + 1,): which labels of a (Z, Y, X) in-plane labelling touch their slice's border."""
-    border = np.zeros(n + 1, dtype=bool)
-    for edge in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
-        border[np.unique(edge)] = True
-    return border
-
-
-def _label_sums(lab, n, values, slab=16):
-    """Sum of ``values`` per label of ``lab`` (float64, n + 1), a slab of slices at a time (bounded memory)."""
-    out = np.zeros(n + 1)
-    for z in range(0, lab.shape[0], slab):
-        out += np.bincount(lab[z:z + slab].ravel(), weights=values[z:z + slab].ravel(), minlength=n + 1)
-    return out
+def _components(slice_mask):
+    """4-connected components of a 2-D uint8 mask -> (labels int32, n + 1 labels with 0 the background,
+    areas (n + 1,), touches-the-border flags (n + 1,)). OpenCV's labelling: the same partition as
+    scipy.ndimage.label with 4-connectivity, ~10x faster on 512 x 512 slices."""
+    import cv2
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(slice_mask, connectivity=4, ltype=cv2.CV_32S)
+    x0, y0, w, h, area = stats.T
+    border = (x0 == 0) | (y0 == 0) | (x0 + w == slice_mask.shape[1]) | (y0 + h == slice_mask.shape[0])
+    return lab, n, area.astype(np.int64), border
 
 
 def fill_small_holes(mask, max_area_px):
     """Fill, slice by slice, the holes of ``mask`` (Z, Y, X bool) whose area is at most ``max_area_px``
-    (a hole: a background region of the slice that does not touch the slice's border)."""
-    lab, n = ndi.label(~mask, structure=_plane_structure(4))
-    if n == 0:
-        return mask
-    area = np.bincount(lab.ravel(), minlength=n + 1)
-    fill = (area <= max_area_px) & ~_border_labels(lab, n)
-    fill[0] = False
-    return mask | fill[lab]
+    (a hole: a background region of the slice, 4-connected, that does not touch the slice's border)."""
+    out = mask.copy()
+    for z in np.nonzero(mask.reshape(mask.shape[0], -1).any(axis=1))[0]:
+        lab, n, area, border = _components((~mask[z]).view(np.uint8))
+        fill = (area <= max_area_px) & ~border
+        fill[0] = False
+        if fill.any():
+            out[z] |= fill[lab]
+    return out
 
 
 def _inner_air(hu, px_area, s):
@@ -233,22 +229,40 @@ def _inner_air(hu, px_area, s):
     region touching the border but as dense as lung is kept: a small field of view can cut through the lungs);
     the 3-D components that are lungs (>= min_lung_fraction of the largest: drops stomach and bowel gas); small,
     nearly pure-air regions of a slice (trachea, main bronchi) removed. None when there is no inner air."""
-    air = hu < s.air_hu
-    lab, n = ndi.label(air, structure=_plane_structure(4))         # in-plane air regions
-    area = np.bincount(lab.ravel(), minlength=n + 1).astype(np.float64)
-    mean_hu = _label_sums(lab, n, hu) / np.maximum(area, 1)
-    outside = _border_labels(lab, n) & (mean_hu <= s.outside_air_hu)
-    airway = (area * px_area <= s.airway_max_area_mm2) & (mean_hu < s.airway_hu)
-    outside[0] = airway[0] = True
-    inner = ~outside[lab]
-    lab3, n3 = ndi.label(inner)                                     # 3-D: lungs vs stomach / bowel gas
-    if n3 == 0:
+    inner = np.zeros(hu.shape, dtype=bool)
+    airway = np.zeros(hu.shape, dtype=bool)
+    for z in range(hu.shape[0]):                                    # in-plane air regions, a slice at a time
+        air = hu[z] < s.air_hu
+        lab, n, area, border = _components(air.view(np.uint8))
+        mean_hu = np.bincount(lab.ravel(), weights=hu[z].ravel(), minlength=n) / np.maximum(area, 1)
+        outside = border & (mean_hu <= s.outside_air_hu)
+        small_air = (area * px_area <= s.airway_max_area_mm2) & (mean_hu < s.airway_hu)
+        outside[0] = small_air[0] = True
+        np.logical_not(np.take(outside, lab), out=inner[z])
+        if small_air[1:].any():
+            np.take(small_air, lab, out=airway[z])
+    box = _bounding_box(inner)
+    if box is None:
         return None
-    size = np.bincount(lab3.ravel(), minlength=n3 + 1)
+    lab3, n3 = ndi.label(inner[box])                                # 3-D: lungs vs stomach / bowel gas
+    size = np.bincount(lab3[inner[box]], minlength=n3 + 1)
     size[0] = 0
     lungs = size >= s.min_lung_fraction * size.max()
     lungs[0] = False
-    return lungs[lab3] & ~airway[lab]                              # the mask's regions are whole air regions
+    out = np.zeros(hu.shape, dtype=bool)
+    out[box] = np.take(lungs, lab3) & ~airway[box]                 # the mask's regions are whole air regions
+    return out
+
+
+def _bounding_box(mask):
+    """The (z, y, x) slices of the smallest box holding every True voxel of ``mask``; None when there is none."""
+    box = []
+    for axis in range(3):
+        hit = np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        if not len(hit):
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
 
 
 def lung_mask_refined(hu, spacing_zyx, settings=None):
@@ -267,7 +281,7 @@ def lung_mask_refined(hu, spacing_zyx, settings=None):
     out = np.empty(mask.shape, dtype=np.uint8)
     m8 = mask.view(np.uint8)
     for k in range(mask.shape[0]):
-        out[k] = cv2.morphologyEx(m8[k], cv2.MORPH_CLOSE, kernel)
+        out[k] = cv2.morphologyEx(m8[k], cv2.MORPH_CLOSE, kernel) if m8[k].any() else 0
     out = fill_small_holes(out.astype(bool), s.max_hole_mm2 / px_area)
     return fill_small_dents(out, s.max_dent_mm2 / px_area, s.min_dent_lung_mm2 / px_area,
                             s.dent_compactness, s.min_dent_radius_px).astype(np.uint8)
@@ -281,19 +295,30 @@ def fill_small_dents(mask, max_area_px, min_region_px, compactness=10.0, min_rad
     the closing's disc; with one hull around both lungs, the mediastinum, heart and spine form one large
     region that stays out. Lung regions of a slice smaller than ``min_region_px`` are not given dents."""
     out = mask.copy()
-    for z in range(mask.shape[0]):
+    for z in np.nonzero(mask.reshape(mask.shape[0], -1).any(axis=1))[0]:
         dent, sl = _hull_dent(mask[z], min_region_px)
         if dent is None:
             continue
-        dlab, dn = ndi.label(dent)
-        if dn == 0:
+        dlab, dn, darea, _ = _components(dent.view(np.uint8))
+        if dn <= 1:
             continue
-        darea = np.bincount(dlab.ravel(), minlength=dn + 1)
-        inner = ndi.maximum(ndi.distance_transform_edt(dent), dlab, np.arange(dn + 1))
-        inner = np.asarray(inner)                 # inscribed radius (px): 1 = one pixel thick
+        inner = _inscribed_radius(dent, dlab, dn)
         keep = (darea <= max_area_px) & (darea <= compactness * inner ** 2) & (inner >= min_radius_px)
         keep[0] = False
         out[z][sl] |= keep[dlab]
+    return out
+
+
+def _inscribed_radius(region, lab, n):
+    """The largest Euclidean distance (px) from a pixel of each label of ``lab`` to the nearest pixel outside
+    ``region`` (n labels, 0 = outside: 0): the inscribed radius, 1 = one pixel thick. OpenCV's exact distance
+    transform, squared distances rounded to the integers they are, so the values equal scipy's
+    distance_transform_edt to the last bit."""
+    import cv2
+    dist = cv2.distanceTransform(region.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    inside = lab > 0
+    out = np.zeros(n)
+    np.maximum.at(out, lab[inside], np.sqrt(np.rint(dist[inside].astype(np.float64) ** 2)))
     return out
 
 
@@ -301,10 +326,7 @@ def _hull_dent(mask2d, min_region_px):
     """(dent, sl): the convex hull of a slice's lung regions of at least ``min_region_px`` minus the mask,
     within the hull's bounding box ``sl``; (None, None) when the slice has no such region."""
     import cv2
-    lab, n = ndi.label(mask2d)
-    if n == 0:
-        return None, None
-    area = np.bincount(lab.ravel(), minlength=n + 1)
+    lab, n, area, _ = _components(mask2d.view(np.uint8))
     big = area >= min_region_px
     big[0] = False
     if not big.any():
