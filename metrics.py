@@ -1,8 +1,13 @@
 """The metrics, in plain numpy: Dice, LUNA16's matching of candidates to nodules, detection, per-nodule Dice,
 size bins, FROC and CPM exactly as LUNA16's evaluation script counts them, and the summary written to
-metrics.json. The one implementation: postprocess.py, the false-positive-reduction stage and the tests use it.
+metrics.json. The one implementation: postprocess.py, the false-positive-reduction stage, the tests and the
+command below use it. As a library it reads and writes nothing; arrays are numpy, coordinates world mm (x, y, z).
 
-Library module: reads and writes nothing. Arrays are numpy; coordinates are world millimetres (x, y, z).
+Run (scores any LUNA16 candidates file: prints CPM, the sensitivities at 1/8 ... 8 FP/scan, by nodule size, and
+the 95 % bootstrap interval over the scans; OUT also writes them as JSON; docs/evaluation.md)
+    python metrics.py --ANNOTATIONS=annotations.csv --CANDIDATES=candidates.csv
+    python metrics.py --ANNOTATIONS=annotations.csv --CANDIDATES=candidates.csv --EXCLUDED=annotations_excluded.csv \\
+        --SCANS=seriesuids.csv --BOOTSTRAP=1000 --OUT=evaluation.json
 
 LUNA16's rules (its evaluation script, noduleCADEvaluationLUNA16.py), as implemented here:
 - a candidate hits an annotation when its distance to the centre is < diameter / 2 (unknown diameter, < 0:
@@ -13,13 +18,29 @@ LUNA16's rules (its evaluation script, noduleCADEvaluationLUNA16.py), as impleme
 - FP/scan divides by every scan of the evaluated part (scans without candidates and failed scans included);
 - the FROC is read at 1/8 ... 8 FP/scan by np.interp on the curve; CPM = their mean; undefined without nodules.
 """
+import os
+
 import numpy as np
 
 # ----------------------------------------------------------------------------- settings
 FROC_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)   # LUNA16's FP/scan rates; CPM = mean sensitivity there
-SIZE_BINS = (5.0, 10.0, 20.0)       # default diameter bin edges in mm for the breakdowns: <5, 5-10, 10-20, >=20
+SIZE_BINS = (5.0, 10.0, 20.0)       # default diameter bin edges in mm for the breakdowns: <5, 5-10, 10-20, >=20 [> 0]
 UNKNOWN_DIAMETER_MM = 10.0          # LUNA16's script: an annotation with diameter < 0 counts as 10 mm
-MAX_CANDIDATES = 100                # LUNA16's script keeps at most this many candidates per scan (the highest scored)
+MAX_CANDIDATES = 100                # LUNA16's script keeps at most this many candidates per scan (the highest scored;
+                                    # 0 = all) [>= 0]
+# the command (python metrics.py); SIZE_BINS and MAX_CANDIDATES above are its settings too
+ANNOTATIONS = ""                    # LUNA16 annotations.csv: seriesuid, coordX, coordY, coordZ, diameter_mm (world
+                                    # mm) [existing path]
+CANDIDATES = ""                     # the candidates to score, LUNA16 format: seriesuid, coordX, coordY, coordZ,
+                                    # probability [existing path]
+EXCLUDED = ""                       # annotations_excluded.csv: findings whose candidates are neither hits nor false
+                                    # positives; "" = none [existing path]
+SCANS = ""                          # the evaluated scans, one seriesuid a line (LUNA16's seriesuids.csv); FP/scan
+                                    # divides by them; "" = every scan named in ANNOTATIONS or CANDIDATES
+                                    # [existing path]
+BOOTSTRAP = 1000                    # bootstrap draws of the scans for the 95 % intervals; 0 = none [>= 0]
+OUT = ""                            # also write the figures as JSON to this file; "" = print only
+_SETTINGS = ("ANNOTATIONS", "CANDIDATES", "EXCLUDED", "SCANS", "BOOTSTRAP", "OUT", "SIZE_BINS", "MAX_CANDIDATES")
 
 DEFINITIONS = {
     "ci95": "95 % interval: percentiles 2.5 and 97.5 of the CPM (and of each sensitivity) over 1000 bootstrap draws "
@@ -56,6 +77,10 @@ DEFINITIONS = {
            "positives per scan; null when there is no nodule.",
     "candidate_recall": "fraction of truth nodules within the radius of at least one candidate (the FROC curve's "
                         "end: its sensitivity with every candidate kept).",
+    "reading": "the sensitivities are the official script's FROC curve (fps, sens of its computeFROC) read exactly "
+               "at 1/8 ... 8 FP/scan by np.interp; at a rate the curve reaches with a vertical step, its top. The "
+               "script's own plotted curve samples np.linspace(0.125, 8, 10001), whose points lie near, not at, most "
+               "rates: read there (nearest point) a CPM differs where the curve steps at a rate (docs/evaluation.md)",
     "by_size": "the same metric over the truth nodules of one diameter bin (mm); for FROC/CPM the candidates "
                "hitting nodules of other bins are ignored, false positives are those of the whole set.",
 }
@@ -373,3 +398,149 @@ def summarize(results, size_edges=None, rates=None, n_failed=0):
         "size_bins_mm": list(size_bin_names(size_edges)), "by_size_definition": D["by_size"],
     }
     return metrics, curves
+
+
+# ----------------------------------------------------------------------------- the command: python metrics.py
+
+def read_table(path, columns, what):
+    """A LUNA16 CSV (a header naming seriesuid and ``columns``) -> {seriesuid: float array (n, len(columns))}, rows
+    in file order. A missing file or column, or a value that is no number, ends the run with one line."""
+    import csv
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot read the {what}: {e.strerror}")
+    head = [h.strip() for h in rows[0]] if rows else []
+    missing = [c for c in ("seriesuid",) + tuple(columns) if c not in head]
+    if missing:
+        raise SystemExit(f"{path}: the {what} have no column {', '.join(missing)} (header: {','.join(head)})")
+    uid, cols, out = head.index("seriesuid"), [head.index(c) for c in columns], {}
+    for n, row in enumerate(rows[1:], 2):
+        if not any(cell.strip() for cell in row):
+            continue
+        try:
+            values = [float(row[i]) for i in cols]
+        except (ValueError, IndexError):
+            raise SystemExit(f"{path}:{n}: expected numbers in {', '.join(columns)}, got {','.join(row)}") from None
+        out.setdefault(row[uid].strip(), []).append(values)
+    return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+def read_scans(path):
+    """The seriesuids of a scan list (first column, one a line; a header "seriesuid" skipped, repeats once)."""
+    import csv
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            uids = [row[0].strip() for row in csv.reader(f) if row and row[0].strip()]
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot read the scan list: {e.strerror}")
+    uids = uids[1:] if uids[:1] == ["seriesuid"] else uids
+    return list(dict.fromkeys(uids))
+
+
+def evaluate_lists(annotations, candidates, excluded, scans, max_candidates=MAX_CANDIDATES):
+    """LUNA16's evaluation of candidate lists: {uid: (n, 4) x, y, z, diameter} annotations and excluded findings,
+    {uid: (n, 4) x, y, z, score} candidates, the evaluated scans (a list of uids) -> dict of the per-nodule and
+    per-false-positive arrays froc_summary takes (diameters, scores, fp_scores, nodule_scan, fp_scan) and the
+    counts the official script reports. Candidates and annotations of scans not in ``scans`` are left out."""
+    none = np.zeros((0, 4))
+    diam, scores, nod_scan, fp_scores, fp_scan = [], [], [], [], []
+    n = dict.fromkeys(("candidates", "false_positives", "ignored_on_excluded", "further_hits", "excluded",
+                       "over_max_candidates", "scans_without_candidates"), 0)
+    for i, uid in enumerate(scans):
+        cand, ann, exc = candidates.get(uid, none), annotations.get(uid, none), excluded.get(uid, none)
+        keep = top_candidates(cand[:, 3], max_candidates)
+        n["over_max_candidates"] += int((~keep).sum())
+        cand = cand[keep]
+        both = np.concatenate([ann, exc])
+        is_exc = np.arange(len(both)) >= len(ann)
+        hits = match_candidates(cand[:, :3], both[:, :3], both[:, 3])
+        found, score, is_fp, is_ignored = detect(hits, cand[:, 3], is_exc)
+        diam += list(np.where(ann[:, 3] < 0, UNKNOWN_DIAMETER_MM, ann[:, 3]))
+        scores += list(score[~is_exc])
+        nod_scan += [i] * len(ann)
+        fp_scores += list(cand[is_fp, 3])
+        fp_scan += [i] * int(is_fp.sum())
+        n["candidates"] += len(cand)
+        n["scans_without_candidates"] += int(len(cand) == 0)
+        n["false_positives"] += int(is_fp.sum())
+        n["ignored_on_excluded"] += int(is_ignored.sum())
+        n["further_hits"] += int(np.maximum(hits[:, ~is_exc].sum(axis=0) - 1, 0).sum())
+        n["excluded"] += len(exc)
+    listed = set(scans)
+    n["outside_scans"] = int(sum(len(v) for k, v in candidates.items() if k not in listed))
+    n.update(scans=len(scans), nodules=len(scores), found=int(np.sum(~np.isnan(scores))))
+    return {"diameters": diam, "scores": scores, "nodule_scan": nod_scan, "fp_scores": fp_scores,
+            "fp_scan": fp_scan, "counts": n}
+
+
+def evaluate_files(cfg):
+    """The settings' files -> the figures (the dict ``OUT`` holds): counts, froc, cpm, candidate_recall."""
+    if not cfg.ANNOTATIONS or not cfg.CANDIDATES:
+        raise SystemExit("metrics.py needs --ANNOTATIONS=annotations.csv and --CANDIDATES=candidates.csv (--help)")
+    ann = read_table(cfg.ANNOTATIONS, ("coordX", "coordY", "coordZ", "diameter_mm"), "annotations")
+    cand = read_table(cfg.CANDIDATES, ("coordX", "coordY", "coordZ", "probability"), "candidates")
+    exc = read_table(cfg.EXCLUDED, ("coordX", "coordY", "coordZ", "diameter_mm"), "excluded findings") \
+        if cfg.EXCLUDED else {}
+    scans = read_scans(cfg.SCANS) if cfg.SCANS else sorted(set(ann) | set(cand))
+    if not scans:
+        raise SystemExit(f"{cfg.SCANS or cfg.CANDIDATES}: no scan to evaluate")
+    ev = evaluate_lists(ann, cand, exc, scans, cfg.MAX_CANDIDATES)
+    summary, _ = froc_summary(ev["diameters"], ev["scores"], np.asarray(ev["fp_scores"]), len(scans), cfg.SIZE_BINS,
+                              FROC_RATES, ev["nodule_scan"], ev["fp_scan"], cfg.BOOTSTRAP)
+    by_size = {k: int(np.sum(np.array([size_bin(d, cfg.SIZE_BINS) for d in ev["diameters"]], object) == k))
+               for k in size_bin_names(cfg.SIZE_BINS)}
+    return {"settings": {k: cfg[k] for k in _SETTINGS}, "counts": {**ev["counts"], "nodules_by_size": by_size},
+            "n_boot": int(cfg.BOOTSTRAP) if "ci95" in summary["cpm"] else 0, **summary,
+            "reading": DEFINITIONS["reading"]}
+
+
+def _fmt(v, width=6):
+    return f"{v:{width}.3f}" if v is not None and np.isfinite(v) else "n/a".rjust(width)
+
+
+def report_text(res):
+    """What the command prints: the counts, the CPM with its interval, the sensitivities at the rates, by size."""
+    c, cpm, fr = res["counts"], res["cpm"], res["froc"]
+    ci = cpm.get("ci95")
+    lines = [f"{c['scans']} scans ({c['scans_without_candidates']} without candidates), {c['nodules']} nodules, "
+             f"{c['excluded']} excluded findings",
+             f"{c['candidates']} candidates evaluated ({c['over_max_candidates']} over the "
+             f"{res['settings']['MAX_CANDIDATES']} a scan and {c['outside_scans']} of scans not evaluated left out): "
+             f"{c['found']} nodules hit, "
+             f"{c['false_positives']} false positives, {c['ignored_on_excluded']} ignored on excluded findings, "
+             f"{c['further_hits']} further hits on a nodule",
+             f"CPM {_fmt(cpm['value'], 0)}" + (f" (95 % interval {_fmt(ci[0], 0)}-{_fmt(ci[1], 0)}, {res['n_boot']} "
+                                               "bootstrap draws of the scans)" if ci else ""),
+             "", f"{'nodules':14s}{'n':>4s}{'CPM':>7s}" + "".join(f"{r:>7g}" for r in fr["fp_rates"])
+             + "   <- sensitivity at FP/scan"]
+    row = lambda name, n, v, sens: f"{name:14s}{n:>4}{_fmt(v, 7)}" + "".join(_fmt(s, 7) for s in sens)
+    lines.append(row("all", c["nodules"], cpm["value"], fr["sensitivities"]))
+    if fr.get("sensitivities_ci95"):
+        for j, name in ((0, "  2.5 %"), (1, "  97.5 %")):
+            bounds = [b[j] if b else None for b in fr["sensitivities_ci95"]]
+            lines.append(row(name, "", (ci or [None, None])[j], bounds))
+    for k, sens in fr["by_size"].items():
+        lines.append(row(f"{k} mm", c["nodules_by_size"][k], cpm["by_size"][k], sens))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """Score a candidates file against annotations (LUNA16's evaluation); print the figures, write them to OUT."""
+    import sys
+    from configurator import configure
+    namespace = {k: v for k, v in globals().items() if k in _SETTINGS + ("__doc__", "__file__")}
+    cfg = configure(namespace, sys.argv[1:] if argv is None else argv)
+    res = evaluate_files(cfg)
+    print(report_text(res))
+    if cfg.OUT:
+        import runfiles
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.OUT)), exist_ok=True)
+        runfiles.write_json(cfg.OUT, res)
+        print(f"written: {cfg.OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
