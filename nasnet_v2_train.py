@@ -53,6 +53,8 @@ BATCH_SIZE = 12                # slices per batch (thesis: 12) [>= 1]
 EPOCHS = 30                    # epochs (an epoch = STEPS_PER_EPOCH batches, or the whole training index) [>= 1]
 STEPS_PER_EPOCH = 0            # batches per epoch; 0 = all training rows once [>= 0]
 VAL_MAX_BATCHES = 0            # validation batches per epoch; 0 = the whole validation index [>= 0]
+VAL_EVERY = 1                  # BN re-estimation, validation and best.keras every this many epochs and at the last one
+                               # (the training steps are the same whatever it is; last.keras is saved every epoch) [>= 1]
 MAX_MINUTES = 0.0              # stop after the epoch that passes this much training time (0 = no limit) [>= 0]
 AUGMENT = True                 # flips + rotation (thesis)
 ROT_DEG = 6.0                  # rotation uniform in +-ROT_DEG degrees (thesis: 6) [>= 0]
@@ -73,10 +75,10 @@ SAMPLING = "slice"             # "slice": every table row once per epoch (thesis
 NEG_FRACTION = 0.3             # SAMPLING="nodule": share of each epoch drawn among slices without nodules [0 .. 1]
 BN_MOMENTUM = 0.99             # momentum of every BN layer (Keras's NASNetMobile: 0.9997); 0 = keep Keras's [0 .. 1]
 BN_REESTIMATE_BATCHES = 8      # training batches used to re-estimate BN statistics each epoch (0 = off) [>= 0]
-REDUCE_LR_PATIENCE = 0         # halve the learning rate after this many epochs without a better val Dice (0 = off) [>= 0]
+REDUCE_LR_PATIENCE = 0         # halve the learning rate after this many validations without a better val Dice (0 = off) [>= 0]
 LR_DECAY_EPOCHS = 0            # the last this many epochs cool the learning rate linearly towards 0 (LR x k / (n + 1),
                                # k = n ... 1; set at each epoch's start, so a resumed run gets the same); 0 = constant LR [>= 0]
-EARLY_STOP_PATIENCE = 0        # stop after this many epochs without a better val Dice (0 = off) [>= 0]
+EARLY_STOP_PATIENCE = 0        # stop after this many validations without a better val Dice (0 = off) [>= 0]
 RESUME = False                 # continue from OUT_DIR/last.keras and state.json
 SEED = 85                      # weights init, shuffling and augmentation (thesis split seed: 85)
 MIXED_PRECISION = False        # float16 compute on a GPU (ignored on the CPU)
@@ -261,31 +263,34 @@ def make_callback(model, train_bn, val, folder, state, cfg, devices=1, history=N
             train_s = time.time() - self.t0
             state["train_seconds"] = state.get("train_seconds", 0.0) + train_s
             logs["slices_per_s"] = self.steps * cfg.BATCH_SIZE / max(train_s, 1e-9)
-            if cfg.BN_REESTIMATE_BATCHES:
+            out_of_time = bool(cfg.MAX_MINUTES) and state["train_seconds"] >= cfg.MAX_MINUTES * 60
+            validate = (epoch + 1) % cfg.VAL_EVERY == 0 or epoch + 1 >= cfg.EPOCHS or out_of_time
+            if validate and cfg.BN_REESTIMATE_BATCHES:
                 nasnet_v2.reestimate_bn_statistics(model, (train_bn[i] for i in range(len(train_bn))),
                                                    max_batches=cfg.BN_REESTIMATE_BATCHES)
-            logs["val_dice"] = pooled_dice(model, val, cfg.VAL_MAX_BATCHES, devices)
+            logs["val_dice"] = pooled_dice(model, val, cfg.VAL_MAX_BATCHES, devices) if validate else float("nan")
             logs["lr"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-            improved = logs["val_dice"] > state.get("best_val_dice", -1.0)
+            improved = validate and logs["val_dice"] > state.get("best_val_dice", -1.0)
             if improved:
                 state["best_val_dice"], state["best_epoch"], state["stale"] = logs["val_dice"], epoch, 0
                 with runfiles.atomic(os.path.join(folder, "best.keras")) as tmp:
                     model.save(tmp)
-            else:
+            elif validate:
                 state["stale"] = state.get("stale", 0) + 1
                 if cfg.REDUCE_LR_PATIENCE and state["stale"] % cfg.REDUCE_LR_PATIENCE == 0:
                     model.optimizer.learning_rate.assign(logs["lr"] / 2)
             state["epoch"] = epoch
             rows.append(dict({k: float(v) for k, v in logs.items() if np.ndim(v) == 0}, epoch=epoch))
             checkpoints.save_checkpoint(model, folder, state, rows)
+            val_txt = f"{logs['val_dice']:.3f}" if validate else "-"
             print(f"epoch {epoch + 1}: loss {logs.get('loss', float('nan')):.4f} train dice "
-                  f"{logs.get('dice_coef', float('nan')):.3f} val dice {logs['val_dice']:.3f}"
+                  f"{logs.get('dice_coef', float('nan')):.3f} val dice {val_txt}"
                   f"{' (best)' if improved else ''} | {logs['slices_per_s']:.1f} slices/s, {train_s:.0f} s",
                   flush=True)
             if cfg.EARLY_STOP_PATIENCE and state["stale"] >= cfg.EARLY_STOP_PATIENCE:
-                print(f"early stop: no better val dice for {state['stale']} epochs")
+                print(f"early stop: no better val dice for {state['stale']} validations")
                 model.stop_training = True
-            if cfg.MAX_MINUTES and state["train_seconds"] >= cfg.MAX_MINUTES * 60:
+            if out_of_time:
                 print(f"time budget of {cfg.MAX_MINUTES} min reached")
                 model.stop_training = True
 

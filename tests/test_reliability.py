@@ -486,6 +486,24 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_same_model(trained, t
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_validating_every_second_epoch_trains_the_same_steps(trained, tmp_path):
+    """VAL_EVERY=2 of 3 epochs: the same training losses and last weights as validating every epoch; epoch 1 has
+    no val Dice (NaN in history.csv), epochs 2 and 3 (the last) the same val Dice as the run validating always."""
+    work = str(tmp_path / "work")
+    for part in ("2_table", "3_split"):
+        shutil.copytree(os.path.join(trained, part), os.path.join(work, part))
+    p = _run_killable("nasnet_v2_train", [f"--WORK_DIR={work}", *TRAIN_ARGS, "--VAL_EVERY=2"])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "epoch 1: " in p.stdout and "val dice -" in p.stdout.split("epoch 2: ")[0]
+    h0, w0, _ = _model_record(os.path.join(trained, "4_model"))
+    h1, w1, _ = _model_record(os.path.join(work, "4_model"))
+    np.testing.assert_allclose([r["loss"] for r in h1], [r["loss"] for r in h0], rtol=1e-5)
+    assert np.isnan(h1[0]["val_dice"])
+    np.testing.assert_allclose([r["val_dice"] for r in h1[1:]], [r["val_dice"] for r in h0[1:]], rtol=1e-5)
+    for a, b in zip(w0["last.keras"], w1["last.keras"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_a_really_full_disk_during_stage1_writes(tiny, tmp_path, capsys):
     """The same on a real full disk: a 200 kB tmpfs as the output folder (root only; elsewhere the patched
     close above stands in). The scans that fit are complete, the others fail with one line each, and no
