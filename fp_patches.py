@@ -345,7 +345,30 @@ class Sampler:
             raise SystemExit(f"{store.folder}: {len(self.pos)} positive and {len(self.neg)} negative training "
                              "patches; need both (nodules in the training part, lung in the masks)")
 
-    def batches(self, epoch, steps, batch_size):
+    def batches(self, epoch, steps, batch_size, prefetch=2):
+        """The epoch's ``steps`` batches (x, y); up to ``prefetch`` of them made ahead in one thread while the
+        network trains on the last (the same batches in the same order: one thread draws them all)."""
+        if prefetch <= 0:
+            yield from self._batches(epoch, steps, batch_size)
+            return
+        import queue
+        import threading
+        q, done = queue.Queue(maxsize=prefetch), object()
+
+        def produce():
+            try:
+                for b in self._batches(epoch, steps, batch_size):
+                    q.put(b)
+            except BaseException as e:        # handed to the consumer, raised there
+                q.put(e)
+            q.put(done)
+        threading.Thread(target=produce, daemon=True).start()
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _batches(self, epoch, steps, batch_size):
         rng = np.random.default_rng([self.seed, epoch])
         n_pos = max(1, int(round(self.pos_fraction * batch_size)))
         jit = self.store.meta["jitter_vox"]

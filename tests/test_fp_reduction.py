@@ -249,6 +249,20 @@ def test_train_writes_every_output(trained):
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
+def test_prefetched_batches_equal_the_drawn_ones(trained):
+    """The sampler's batches made ahead in a thread are the batches drawn in the training thread, in order."""
+    import fp_patches
+    cfg = json.load(open(os.path.join(trained, "6_fp_reduction", "config.json")))
+    store = fp_patches.PatchStore(os.path.join(trained, "6_fp_reduction", "patches", "train"))
+    assert store.load(str(np.load(store.meta_path)["key"]))
+    sampler = fp_patches.Sampler(store, cfg["PATCH_SIDE"], cfg)
+    ahead, inline = list(sampler.batches(3, 5, 8, prefetch=2)), list(sampler.batches(3, 5, 8, prefetch=0))
+    assert len(ahead) == len(inline) == 5
+    for (xa, ya), (xb, yb) in zip(ahead, inline):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+
+
 def test_blob_candidates_end_to_end(tmp_path):
     """BLOB_CANDIDATES=4: blobs join every scan's list (training: hard negatives or positives; test: rescored),
     none within BLOB_MERGE_MM of a stage-5 candidate, at most 4 a scan."""
