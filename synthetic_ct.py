@@ -44,6 +44,7 @@ N_SCANS = 8                        # LUNA16-format scans (.mhd/.raw) [>= 0]
 N_LIDC_SCANS = 2                   # LIDC-format DICOM series (0 allowed) [>= 0]
 N_SUBSETS = 1                      # LUNA16 folds: scan i goes to subset(i % N_SUBSETS) [>= 1]
 SEED = 0                           # everything is a function of SEED and the scan index
+N_WORKERS = 1                      # processes making scans (each scan depends on SEED and its index only) [>= 1]
 IMAGE_SIZE = 512                   # rows = columns of the LUNA16-format scans (LIDC scans are always 512) [>= 32]
 N_SLICES = (100, 160)              # slice count range; the count is Z_EXTENT_MM / slice spacing, clipped to it
 Z_EXTENT_MM = (250.0, 340.0)       # wanted cranio-caudal coverage
@@ -1146,20 +1147,26 @@ def generate_cohort(out_dir, **overrides):
     lidc = []
     if c["N_LIDC_SCANS"] > 0:
         lidc = lidc_candidates(c["SEED"], c["N_LIDC_SCANS"], c["LIDC_MAX_SLICES"], c["LIDC_MIN_READERS"])
-    jobs = [("luna16", i) for i in range(c["N_SCANS"])] + [("lidc", j) for j in range(len(lidc))]
-    for fmt, i in tqdm(jobs, desc="synthetic scans", unit="scan"):
-        try:
-            s, rel = _write_images(fmt, i, c, lidc, out_dir)
-            for r in s["nodules"] if fmt == "luna16" else ():
-                (excl if r["excluded"] else ann).append(_annotation_row(s["seriesuid"], r))
-            write_truth(s, os.path.join(truth_dir, s["seriesuid"] + ".h5"), rel)
-            nod = s["nodules"]
-            index.append([s["seriesuid"], s["patient_id"], fmt, rel, int(np.sum(nod["excluded"] == 0)),
-                          int(s["flipped"]), int(np.sum(nod["excluded"] == 1)), s["padding"],
-                          rel.split("/")[1] if fmt == "luna16" else ""])
-        except Exception as e:                                           # report, skip, go on
-            failures.append(f"{fmt} scan {i}: {type(e).__name__}: {e}")
-            print(f"synthetic_ct: {failures[-1]}", file=sys.stderr)
+    jobs = [("luna16", i, c, lidc, out_dir, truth_dir) for i in range(c["N_SCANS"])]
+    jobs += [("lidc", j, c, lidc, out_dir, truth_dir) for j in range(len(lidc))]
+    pool = None
+    if c["N_WORKERS"] > 1 and len(jobs) > 1:
+        from multiprocessing import Pool
+        pool = Pool(min(int(c["N_WORKERS"]), len(jobs)))
+    try:
+        stream = pool.imap(_make_one, jobs) if pool is not None else map(_make_one, jobs)   # in scan order
+        for rows_ann, rows_excl, row, failure in tqdm(stream, total=len(jobs), desc="synthetic scans", unit="scan"):
+            if failure:                                                  # report, skip, go on
+                failures.append(failure)
+                print(f"synthetic_ct: {failure}", file=sys.stderr)
+                continue
+            ann += rows_ann
+            excl += rows_excl
+            index.append(row)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     header = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
     for name, rows in (("annotations.csv", ann), ("annotations_excluded.csv", excl)):
         _write_rows(os.path.join(luna_dir, name), [header] + rows)
@@ -1167,6 +1174,24 @@ def generate_cohort(out_dir, **overrides):
     _write_rows(os.path.join(truth_dir, "index.csv"), [["seriesuid", "patient_id", "format", "path", "n_nodules",
                                                         "flipped", "n_excluded", "padding", "subset"]] + index)
     return index, failures
+
+
+def _make_one(job):
+    """One scan of the cohort made and written with its truth file -> (annotation rows, excluded rows, index row,
+    None), or ([], [], None, the failure's line)."""
+    fmt, i, c, lidc, out_dir, truth_dir = job
+    try:
+        s, rel = _write_images(fmt, i, c, lidc, out_dir)
+        ann, excl = [], []
+        for r in s["nodules"] if fmt == "luna16" else ():
+            (excl if r["excluded"] else ann).append(_annotation_row(s["seriesuid"], r))
+        write_truth(s, os.path.join(truth_dir, s["seriesuid"] + ".h5"), rel)
+        nod = s["nodules"]
+        row = [s["seriesuid"], s["patient_id"], fmt, rel, int(np.sum(nod["excluded"] == 0)), int(s["flipped"]),
+               int(np.sum(nod["excluded"] == 1)), s["padding"], rel.split("/")[1] if fmt == "luna16" else ""]
+        return ann, excl, row, None
+    except Exception as e:
+        return [], [], None, f"{fmt} scan {i}: {type(e).__name__}: {e}"
 
 
 def _fresh_folders(out_dir):

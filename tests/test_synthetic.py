@@ -31,9 +31,10 @@ def _csv(path):
 
 
 def test_same_seed_same_bytes(tmp_path):
+    """The same SEED gives the same files, whether one process or two make the scans; another SEED others."""
     a, b, c = (str(tmp_path / n) for n in "abc")
-    for d, seed in ((a, 5), (b, 5), (c, 6)):
-        S.generate_cohort(d, N_SCANS=2, N_LIDC_SCANS=0, N_SUBSETS=2, SEED=seed, **SMALL)
+    for d, seed, workers in ((a, 5, 1), (b, 5, 2), (c, 6, 1)):
+        S.generate_cohort(d, N_SCANS=2, N_LIDC_SCANS=0, N_SUBSETS=2, SEED=seed, N_WORKERS=workers, **SMALL)
     files = []
     for root, _, names in os.walk(os.path.join(a, "luna16")):
         files += [os.path.relpath(os.path.join(root, n), a) for n in names]
@@ -42,6 +43,7 @@ def test_same_seed_same_bytes(tmp_path):
         assert filecmp.cmp(os.path.join(a, f), os.path.join(b, f), shallow=False), f
     ta, tb = (sorted(os.listdir(os.path.join(d, "truth"))) for d in (a, b))
     assert ta == tb
+    assert _csv(os.path.join(a, "truth", "index.csv")) == _csv(os.path.join(b, "truth", "index.csv"))
     for name in ta:
         if name.endswith(".h5"):
             x, y = S.read_truth(os.path.join(a, "truth", name)), S.read_truth(os.path.join(b, "truth", name))
