@@ -81,8 +81,9 @@ LR_DECAY_EPOCHS = 0            # the last this many epochs cool the learning rat
 EARLY_STOP_PATIENCE = 0        # stop after this many validations without a better val Dice (0 = off) [>= 0]
 RESUME = False                 # continue from OUT_DIR/last.keras and state.json
 SEED = 85                      # weights init, shuffling and augmentation (thesis split seed: 85)
-MIXED_PRECISION = False        # float16 compute on a GPU (ignored on the CPU)
-JIT_COMPILE = False            # XLA compilation of the training step (see benchmarks/bench_model.py)
+MIXED_PRECISION = "auto"       # float16 compute: "auto" = on a GPU, off on the CPU; "on" (a GPU only); "off" [one of: auto, on, off]
+JIT_COMPILE = "auto"           # XLA compilation of the training step: "auto" = on a GPU, off on the CPU (where it
+                               # made inference 7x slower: benchmarks/RESULTS.md); "on"; "off" [one of: auto, on, off]
 WORKERS = 2                    # threads computing batches (0 = in the training process) [>= 0]
 USE_MULTIPROCESSING = False    # processes instead of threads (each batch is then pickled back: slower here)
 LOG_EVERY = 0                  # print the loss every this many batches (0 = Keras's progress bar only) [>= 0]
@@ -181,12 +182,18 @@ def _register_global_batch_loss():
 
 # ----------------------------------------------------------------------------- the network
 
+def gpu_switch(value):
+    """A MIXED_PRECISION / JIT_COMPILE setting -> bool: "auto" = whether TensorFlow sees a GPU."""
+    return _has_gpu() if value == "auto" else value == "on"
+
+
 def build_model(image_shape, cfg, devices=1):
     """A compiled model for (H, W, C) inputs: VARIANT (WEIGHTS, BN_MOMENTUM), OPTIMIZER at LR, the GDL + WCE loss
     (over the global batch when split over ``devices`` by TensorFlow)."""
     import keras
     import nasnet_v2
-    if cfg.MIXED_PRECISION and _has_gpu():
+    mixed = gpu_switch(cfg.MIXED_PRECISION) and _has_gpu()
+    if mixed:
         keras.mixed_precision.set_global_policy("mixed_float16")
     model = nasnet_v2.get_model(image_shape, variant=cfg.VARIANT, weights=cfg.WEIGHTS or None,
                                 bn_momentum=cfg.BN_MOMENTUM or None)
@@ -196,14 +203,14 @@ def build_model(image_shape, cfg, devices=1):
         opt = keras.optimizers.SGD(learning_rate=cfg.LR, momentum=cfg.MOMENTUM)
     else:
         raise SystemExit(f"OPTIMIZER must be 'adam' or 'sgd', not {cfg.OPTIMIZER!r}")
-    if cfg.MIXED_PRECISION and _has_gpu():
+    if mixed:
         opt = keras.mixed_precision.LossScaleOptimizer(opt)
     loss = nasnet_v2.gdl_wce_loss
     if _mirrored(devices):                           # each replica sees its share: global BN and loss
         for layer in nasnet_v2.batchnorm_layers(model):
             layer.synchronized = True
         loss = _register_global_batch_loss()
-    model.compile(optimizer=opt, loss=loss, metrics=[nasnet_v2.dice_coef], jit_compile=cfg.JIT_COMPILE)
+    model.compile(optimizer=opt, loss=loss, metrics=[nasnet_v2.dice_coef], jit_compile=gpu_switch(cfg.JIT_COMPILE))
     return model
 
 
