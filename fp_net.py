@@ -66,17 +66,20 @@ def flips(x, k):
 
 def predict(model, x, tta, batch):
     """Probabilities (N,) of a batch of network inputs (N, S, S, S) or (N, S, S, S, 1); mean over ``tta`` flips,
-    ``batch`` patches per call."""
+    ``batch`` patches per call; ``model`` a network or a list of them (an ensemble: the mean over them too)."""
+    models = model if isinstance(model, (list, tuple)) else [model]
     x = np.asarray(x, np.float32)
     if x.ndim == 4:
         x = x[..., None]
     out = np.zeros(len(x), np.float64)
+    n = max(int(tta), 1)
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]
         acc = np.zeros(len(xb))
-        for k in range(max(int(tta), 1)):
-            acc += np.asarray(model.predict_on_batch(np.ascontiguousarray(flips(xb, k)))).reshape(-1)
-        out[i:i + batch] = acc / max(int(tta), 1)
+        for m in models:
+            for k in range(n):
+                acc += np.asarray(m.predict_on_batch(np.ascontiguousarray(flips(xb, k)))).reshape(-1)
+        out[i:i + batch] = acc / (n * len(models))
     return out
 
 
@@ -148,13 +151,13 @@ def _score_on_worker(task):
     model -> ("done", score_scan's dict) or ("failed", one-line error)."""
     path, cfg, model_path, rows, side = task
     try:
-        st = os.stat(model_path)
-        key = (model_path, st.st_size, st.st_mtime_ns)
+        files = [p.strip() for p in model_path.split(",") if p.strip()]
+        key = tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files)
         with _WORKER_LOCK:
             if key not in _WORKER_MODELS:
                 import nasnet_v2  # noqa: F401  (first: TensorFlow's CPU allocator)
                 import keras
-                _WORKER_MODELS[key] = keras.saving.load_model(model_path, compile=False)
+                _WORKER_MODELS[key] = [keras.saving.load_model(p, compile=False) for p in files]
         return "done", score_scan(path, _WORKER_MODELS[key], lambda uid: rows, side, cfg)
     except Exception as e:
         return "failed", _error_line(path, e)
@@ -172,7 +175,8 @@ def _scan_scores(paths, model, model_path, table, side, cfg):
                 yield path, None, _error_line(path, e)
         return
     a = os.path.abspath                               # absolute paths: the workers' folder may differ
-    tasks = [(a(p), cfg, a(model_path), table.of(runfiles.uid_of(p))[:2], side) for p in paths]
+    tasks = [(a(p), cfg, ",".join(a(m) for m in model_path.split(",")), table.of(runfiles.uid_of(p))[:2], side)
+             for p in paths]
     for path, (_, out, err) in zip(paths, dask_tasks.run_in_order(cfg.DASK_SCHEDULER, _score_on_worker, tasks,
                                                                   names=paths)):
         status, value = out if err is None else ("failed", err)

@@ -72,6 +72,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 import candidates  # noqa: E402
+from inference import model_files  # noqa: E402
 import checkpoints  # noqa: E402
 import fp_net  # noqa: E402
 import fp_patches  # noqa: E402
@@ -87,7 +88,8 @@ CANDIDATES = ""                 # LUNA16-format CSV to rescore; "" = CANDIDATES_
 CANDIDATES_DIR = ""             # the stage-5 report folder rescored; "" = WORK_DIR/5_report
 TRAIN_CANDIDATES = ""           # comma-separated CSVs with candidates on the train / val scans; "" = the CANDIDATES file
 MODEL = ""                      # a trained stage-6 model: score only, no training (its patch geometry, THRESHOLD and
-                                # BLOB_* settings from its config.json); "" = train one (OUT_DIR/model.keras)
+                                # BLOB_* settings from its config.json); several comma-separated: an ensemble, scores
+                                # averaged (settings from the first); "" = train one (OUT_DIR/model.keras)
 OUT_DIR = ""                    # "" = WORK_DIR/6_fp_reduction
 PATCH_MM = 32.0                 # side of the patch cube in mm [> 0]
 VOXEL_MM = 1.0                  # isotropic voxel size of the patch in mm (side = round(PATCH_MM / VOXEL_MM) voxels) [> 0]
@@ -162,9 +164,10 @@ def with_model_settings(cfg, given=()):
     point unless given on the command line (``given``: the names given), from the model's config.json."""
     if not cfg.MODEL:
         return cfg
-    if not os.path.isfile(cfg.MODEL):
-        raise SystemExit(f"{cfg.MODEL}: model not found")
-    mcfg = _model_config(cfg.MODEL)
+    for path in model_files(cfg.MODEL):
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path}: model not found")
+    mcfg = _model_config(model_files(cfg.MODEL)[0])       # an ensemble: its first model's settings
     keys = _GEOMETRY_KEYS + tuple(k for k in _SCORING_KEYS if k not in given)
     return cfg.replace(**{k: tuple(mcfg[k]) if isinstance(cfg[k], tuple) else type(cfg[k])(mcfg[k])
                           for k in keys if k in mcfg})
@@ -342,8 +345,11 @@ def scoring_model(cfg, out_dir, cand_path, failed):
     model_path, record = os.path.join(out_dir, "model.keras"), None
     if cfg.MODEL:
         load_scoring_model(cfg.MODEL, side)                 # checked before anything is written
-        how = cfg.COMBINE if cfg.COMBINE != "auto" else _model_config(cfg.MODEL).get("COMBINE_USED", "fp")
-        if os.path.abspath(cfg.MODEL) != os.path.abspath(model_path):
+        first = model_files(cfg.MODEL)[0]
+        how = cfg.COMBINE if cfg.COMBINE != "auto" else _model_config(first).get("COMBINE_USED", "fp")
+        if len(model_files(cfg.MODEL)) > 1:                 # an ensemble: scored from where its models are
+            model_path = ",".join(os.path.abspath(p) for p in model_files(cfg.MODEL))
+        elif os.path.abspath(cfg.MODEL) != os.path.abspath(model_path):
             if os.path.isfile(model_path) and _model_config(model_path).get("MODE") == "train":
                 raise SystemExit(f"{out_dir} holds the stage-6 model trained there: scoring with --MODEL={cfg.MODEL} "
                                  f"would replace it; give another --OUT_DIR")
@@ -363,19 +369,23 @@ def scoring_model(cfg, out_dir, cand_path, failed):
 
 def load_scoring_model(model_path, side):
     """The scoring network, checked to be a stage-6 network (one-channel 3D patches in, one score out) that
-    takes patches of ``side``^3 (PATCH_MM / VOXEL_MM); else one line naming the file."""
+    takes patches of ``side``^3 (PATCH_MM / VOXEL_MM); else one line naming the file. Several files
+    (comma-separated): the list of their networks (an ensemble, scores averaged)."""
     import keras
-    try:
-        model = keras.saving.load_model(model_path, compile=False)
-    except Exception as e:                              # a corrupt or foreign file: Keras's reasons vary
-        raise SystemExit(f"{model_path}: not a stage-6 model (cannot be loaded: {runfiles.one_line(e, 160)})") from None
-    shape_in, shape_out = tuple(model.input_shape), tuple(model.output_shape)
-    if len(shape_in) != 5 or shape_in[-1] != 1 or shape_out[1:] != (1,):
-        raise SystemExit(f"{model_path}: not a stage-6 model (input {shape_in[1:]}, output {shape_out[1:]}; "
-                         f"expected (side, side, side, 1) -> (1,))")
-    if tuple(model.input_shape[1:4]) != (side,) * 3:
-        raise SystemExit(f"{model_path}: takes patches of {model.input_shape[1:4]}, PATCH_MM / VOXEL_MM give {side}")
-    return model
+    models = []
+    for path in model_files(model_path):
+        try:
+            model = keras.saving.load_model(path, compile=False)
+        except Exception as e:                          # a corrupt or foreign file: Keras's reasons vary
+            raise SystemExit(f"{path}: not a stage-6 model (cannot be loaded: {runfiles.one_line(e, 160)})") from None
+        shape_in, shape_out = tuple(model.input_shape), tuple(model.output_shape)
+        if len(shape_in) != 5 or shape_in[-1] != 1 or shape_out[1:] != (1,):
+            raise SystemExit(f"{path}: not a stage-6 model (input {shape_in[1:]}, output {shape_out[1:]}; "
+                             f"expected (side, side, side, 1) -> (1,))")
+        if tuple(model.input_shape[1:4]) != (side,) * 3:
+            raise SystemExit(f"{path}: takes patches of {model.input_shape[1:4]}, PATCH_MM / VOXEL_MM give {side}")
+        models.append(model)
+    return models[0] if len(models) == 1 else models
 
 
 # ----------------------------------------------------------------------------- the report

@@ -86,6 +86,7 @@ class InputGeometry:
             axes = [(h, float(y0), 1.0), (w, float(x0), 1.0)]
             z_step = 1.0
         (self.h, y_start, y_step), (self.w, x_start, x_step) = axes
+        self.starts, self.steps = (y_start, x_start), (y_step, x_step)    # input pixel i lies at start + i * step
         self.wy = axis_weights(self.h, n_y, y_start, y_step)                 # input = wy @ slice @ wx.T
         self.wx = axis_weights(self.w, n_x, x_start, x_step)
         self.vy = axis_weights(n_y, self.h, -y_start / y_step, 1.0 / y_step)  # scan = vy @ input @ vx.T
@@ -94,6 +95,37 @@ class InputGeometry:
         # the scan pixels the input covers (y0, x0, height, width): the raw crop itself for PIXEL_MM = 0
         ys, xs = np.unique(self.wy.indices), np.unique(self.wx.indices)
         self.box = (int(ys[0]), int(xs[0]), int(ys[-1] - ys[0] + 1), int(xs[-1] - xs[0] + 1))
+
+    def window(self, rows, cols):
+        """This geometry restricted to input rows [r0, r1) and columns [c0, c1) (the same input pixels, fewer of
+        them): the network sees the part of its input that holds the lungs; the probability maps back to the
+        same scan pixels, 0 outside the window."""
+        import copy
+        (r0, r1), (c0, c1) = rows, cols
+        g = copy.copy(self)
+        g.h, g.w = r1 - r0, c1 - c0
+        g.wy, g.wx = self.wy[r0:r1], self.wx[c0:c1]
+        g.vy, g.vx = self.vy[:, r0:r1], self.vx[:, c0:c1]
+        g.starts = (self.starts[0] + r0 * self.steps[0], self.starts[1] + c0 * self.steps[1])
+        ys, xs = np.unique(g.wy.indices), np.unique(g.wx.indices)
+        g.box = (int(ys[0]), int(xs[0]), int(ys[-1] - ys[0] + 1), int(xs[-1] - xs[0] + 1))
+        return g
+
+    def lung_window(self, lung_rows, lung_cols, margin_mm, block=32, size_step=64):
+        """The input rows and columns that hold scan rows ``lung_rows`` and columns ``lung_cols`` ((first, last)
+        scan pixels of the lungs) with ``margin_mm`` around them -> ((r0, r1), (c0, c1)): starts on the
+        ``block``-pixel grid of the whole input (the network halves its input five times, so a window on that
+        grid sees the same pixels at every level as the whole input), sizes rounded up to ``size_step`` pixels
+        (few distinct sizes: each one is a network built once). Millimetre input only (``pixel_mm`` > 0)."""
+        out = []
+        for (first, last), start, step, n in zip((lung_rows, lung_cols), self.starts, self.steps, (self.h, self.w)):
+            margin = margin_mm / self.pixel_mm
+            lo = min(max(int(np.floor((first - start) / step - margin)), 0), n - 1) // block * block
+            hi = min(max(int(np.ceil((last - start) / step + margin)) + 1, lo + 1), n)
+            size = min(int(np.ceil((hi - lo) / size_step)) * size_step, n)
+            lo = min(lo, (n - size) // block * block)
+            out.append((lo, lo + size))
+        return tuple(out)
 
     def channels(self, z):
         """The channels of slice z as (k0, k1, t): (1 - t) * slice k0 + t * slice k1."""
@@ -175,11 +207,12 @@ def network_input(hu, lung_mask, z, crop=0, context_slices=1, spacing=None, pixe
 
 
 def volume_inputs(hu, lung_mask, crop=0, context_slices=1, batch_size=16, spacing=None, pixel_mm=0.0,
-                  crop_mm=0.0, context_mm=0.0, slices=None):
+                  crop_mm=0.0, context_mm=0.0, slices=None, geometry=None):
     """Network inputs of a whole volume, in order: yields (zs, x), zs the slice indexes of a batch and x float32
     (len(zs), h, w, C) their inputs; the same numbers as ``network_input`` for each slice, each slice
-    normalised once. ``slices``: the slice indexes wanted (ascending; None = all)."""
-    g = InputGeometry(hu.shape, spacing, crop, context_slices, pixel_mm, crop_mm, context_mm)
+    normalised once. ``slices``: the slice indexes wanted (ascending; None = all). ``geometry``: an
+    InputGeometry to use instead of the one of these settings (a window of it, say)."""
+    g = geometry or InputGeometry(hu.shape, spacing, crop, context_slices, pixel_mm, crop_mm, context_mm)
     wanted = np.arange(g.shape[0]) if slices is None else np.asarray(slices, int)
     for b in range(0, len(wanted), batch_size):
         zs = wanted[b:b + batch_size]

@@ -58,12 +58,13 @@ import report
 import runfiles
 from candidates import find_candidates, find_components
 from configurator import configure, save_config
-from inference import Predictor
+from inference import Predictor, model_files
 from metrics import summarize
 
 # ----------------------------------------------------------------------------- settings
 WORK_DIR = "work"               # root of a run; every stage's folder is below it
-MODEL = ""                      # saved Keras model to evaluate; "" = WORK_DIR/4_model/best.keras
+MODEL = ""                      # saved Keras model to evaluate, or several comma-separated (an ensemble: probabilities
+                                # averaged); "" = WORK_DIR/4_model/best.keras
 PRED_DIR = ""                   # "" = WORK_DIR/5_predictions
 REPORT_DIR = ""                 # "" = WORK_DIR/5_report
 MODEL_CONFIG = ""               # the model's input geometry (PIXEL_MM, CROP_MM, CONTEXT_MM, ...); "" = config.json beside MODEL
@@ -85,6 +86,9 @@ BATCH_SIZE = 8                  # slices per prediction call [>= 1]
 TTA = 4                         # test-time augmentation: mean over this many flips of the slice: 1 = none (thesis),
                                 # 2 = + left-right, 4 = + up-down and both; inference time x TTA (4 vs 1 on the selection
                                 # cohort: candidate recall 76.5 vs 72.5 %, CPM after stage 6 0.669 vs 0.591)
+LUNG_WINDOW_MM = 10.0           # only the part of the network input holding the lungs (their box over the scan's slices,
+                                # this margin in mm around it, on the network's 32-pixel grid) is predicted; the input is
+                                # 0 outside the lungs; -1 = the whole input (the same probabilities to ~1e-3) [>= -1]
 CONNECTIVITY = 3                # 3D components: 1 = 6 face neighbours, 2 = 18 (+edges), 3 = 26 (+corners) [one of: 1, 2, 3]
 MIN_COMPONENT_VOXELS = 1        # components with fewer voxels are removed from the mask and are no candidates [>= 1]
 PROB_DTYPE = "float16"          # how /prob is stored: "float16" or "float32"
@@ -116,6 +120,7 @@ def _prediction_key(path, predictor, cfg):
     return json.dumps({**predictor.signature(), "threshold": cfg.THRESHOLD, "binarize": cfg.BINARIZE,
                        "kmeans_erosion": cfg.KMEANS_EROSION, "min_component_voxels": cfg.MIN_COMPONENT_VOXELS,
                        "connectivity": cfg.CONNECTIVITY, "prob_dtype": cfg.PROB_DTYPE, "lung_gate": cfg.LUNG_GATE,
+                       "lung_window_mm": cfg.LUNG_WINDOW_MM,
                        "stage1": file_signature(path)}, sort_keys=True)
 
 
@@ -136,7 +141,8 @@ def _predict(scan, predictor, cfg, out, key):
     stores; mask uint8; the mask's (labels, components); seconds of inference, model loading not counted)."""
     a, hu, lung = scan["attrs"], scan["hu"], scan["lung_mask"]
     t0, load0 = time.perf_counter(), predictor.load_seconds
-    prob, box = predictor.predict(hu, lung, cfg.BATCH_SIZE, a["spacing"], lung_slices_only=cfg.LUNG_GATE)
+    prob, box = predictor.predict(hu, lung, cfg.BATCH_SIZE, a["spacing"], lung_slices_only=cfg.LUNG_GATE,
+                                  window_mm=cfg.LUNG_WINDOW_MM)
     if cfg.LUNG_GATE:
         prob[lung == 0] = 0.0
     seconds = time.perf_counter() - t0 - (predictor.load_seconds - load0)
@@ -146,7 +152,7 @@ def _predict(scan, predictor, cfg, out, key):
     mask = (labels > 0).astype(np.uint8)
     report.write_prediction(out, prob.astype(cfg.PROB_DTYPE), mask,
                             {"seriesuid": str(a["seriesuid"]), "key": key, "threshold": cfg.THRESHOLD,
-                             "binarize": cfg.BINARIZE, "model": os.path.abspath(predictor.model_path),
+                             "binarize": cfg.BINARIZE, "model": _abs_models(predictor.model_path),
                              "crop_box_y0_x0_h_w": np.array([box[0].start, box[1].start, box[0].stop - box[0].start,
                                                              box[1].stop - box[1].start], np.int64),
                              "origin": np.asarray(a["origin"], np.float64),
@@ -237,7 +243,7 @@ def _scan_outcomes(paths, predictor, dirs, book, cfg):
     from dask_tasks import run_in_order
     a = os.path.abspath                                   # absolute paths: the workers' folder may differ
     task_dirs = {k: a(v) for k, v in dirs.items()}
-    tasks = [(a(p), cfg, a(predictor.model_path), cfg.MODEL_CONFIG and a(cfg.MODEL_CONFIG), a(_table_path(cfg)),
+    tasks = [(a(p), cfg, _abs_models(predictor.model_path), cfg.MODEL_CONFIG and a(cfg.MODEL_CONFIG), a(_table_path(cfg)),
               task_dirs) for p in paths]
     for path, (_, out, err) in zip(paths, run_in_order(cfg.DASK_SCHEDULER, _scan_on_worker, tasks, names=paths)):
         if err is None:
@@ -265,9 +271,10 @@ _WORKER_LOCK = threading.Lock()
 
 
 def _worker_predictor(model_path, model_config, table_path, tta):
-    """This worker process's Predictor of a model file (loaded once, reused by every task)."""
-    st = os.stat(model_path)
-    key = (os.path.abspath(model_path), st.st_size, st.st_mtime_ns, model_config, table_path, tta)
+    """This worker process's Predictor of a model file (or an ensemble's files; loaded once, reused by every
+    task)."""
+    st = [os.stat(p) for p in model_files(model_path)]
+    key = (_abs_models(model_path), tuple((s.st_size, s.st_mtime_ns) for s in st), model_config, table_path, tta)
     with _WORKER_LOCK:
         if key not in _WORKER_PREDICTORS:
             _WORKER_PREDICTORS[key] = Predictor(model_path, model_config, table_path, tta)
@@ -294,19 +301,27 @@ def _scan_on_worker(task):
 
 # ----------------------------------------------------------------------------- the run's steps
 
+def _abs_models(model):
+    """MODEL's file(s) as absolute paths, comma-separated as given."""
+    return ",".join(os.path.abspath(p) for p in model_files(model))
+
+
 def _model_path(cfg):
-    """The model file evaluated (MODEL, default WORK_DIR/4_model/best.keras); SystemExit when it is missing."""
-    path = cfg.MODEL or os.path.join(cfg.WORK_DIR, "4_model", "best.keras")
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: model not found (train one with nasnet_v2_train.py, or give --MODEL=)")
-    config = cfg.MODEL_CONFIG or os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-    if not os.path.isfile(config):                    # the input geometry would be guessed: say so, or refuse
-        if not os.path.isfile(_table_path(cfg)):
-            raise SystemExit(f"{path}: no config.json beside it (the input geometry it was trained with: pixel size, "
-                             f"crop, context); copy its training folder's config.json beside it, or give "
-                             f"--MODEL_CONFIG=<that config.json>")
-        print(f"{path}: no config.json beside it: the input geometry of {_table_path(cfg)} is used", file=sys.stderr)
-    return path
+    """The model file(s) evaluated (MODEL: one file or an ensemble's, comma-separated; default
+    WORK_DIR/4_model/best.keras); SystemExit when one is missing."""
+    given = cfg.MODEL or os.path.join(cfg.WORK_DIR, "4_model", "best.keras")
+    for path in model_files(given):
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path}: model not found (train one with nasnet_v2_train.py, or give --MODEL=)")
+        config = cfg.MODEL_CONFIG or os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+        if not os.path.isfile(config):                # the input geometry would be guessed: say so, or refuse
+            if not os.path.isfile(_table_path(cfg)):
+                raise SystemExit(f"{path}: no config.json beside it (the input geometry it was trained with: pixel "
+                                 f"size, crop, context); copy its training folder's config.json beside it, or give "
+                                 f"--MODEL_CONFIG=<that config.json>")
+            print(f"{path}: no config.json beside it: the input geometry of {_table_path(cfg)} is used",
+                  file=sys.stderr)
+    return given
 
 
 def _report_dir(cfg):
@@ -384,7 +399,7 @@ def _metrics(results, failed, timing, predictor, model_path, cfg):
             metrics["n_scans_without_annotations"] = len(results) - len(truth)
             metrics["note"] = (f"{len(results) - len(truth)} scan(s) had no annotations: the metrics are over "
                                f"the {len(truth)} annotated one(s); candidates.csv lists every scan's")
-    metrics["model"] = os.path.abspath(model_path)
+    metrics["model"] = _abs_models(model_path)
     metrics["scans"] = cfg.SCANS
     metrics["threshold"], metrics["binarize"] = cfg.THRESHOLD, cfg.BINARIZE
     metrics["candidate_threshold"], metrics["max_candidates"] = cfg.CANDIDATE_THRESHOLD, cfg.MAX_CANDIDATES

@@ -1,7 +1,8 @@
 """Inference seconds per scan and peak memory of stage 5's predictor (inference.Predictor) (the network over every slice of a
 512x512 scan, input geometry = table.py's defaults: PIXEL_MM mm pixels over CROP_MM mm, or the thesis's
-400x400 raw-pixel crop with --PIXEL_MM=0) and stage 5's TTA flips (--TTA=1: one pass), for the figure-3
-network (random weights: speed does not depend on them) and optionally the U-Net.
+400x400 raw-pixel crop with --PIXEL_MM=0), for the figure-3 network (random weights: speed does not depend on
+them) and optionally the U-Net, at two settings measured in the same run: stage 5's defaults (postprocess.py's
+TTA and LUNG_WINDOW_MM) and the previous ones (PREVIOUS: 4 flips over the whole input); prints the ratio.
 
 Writes a synthetic 512 x 512 phantom (synthetic_ct.py) through stage 1 in a scratch folder, saves an
 untrained model per variant, and times inference.Predictor.predict on the scan in a fresh process each
@@ -27,11 +28,11 @@ PIXEL_MM = 0.7                 # network-input geometry written beside the model
 CROP_MM = 300.0                # input side in mm (PIXEL_MM > 0)
 CONTEXT_SLICES = 3             # input channels (the demo's)
 CONTEXT_MM = 2.5               # channel distance in mm (PIXEL_MM > 0)
-TTA = 4                        # test-time flips averaged (postprocess.py's TTA: 1, 2 or 4)
+PREVIOUS = (4, -1.0)           # (TTA, LUNG_WINDOW_MM) of stage 5 before the lung window: 4 flips, the whole input
 OUT_DIR = os.path.join(_ROOT, "benchmarks", "results")   # where bench_inference.json goes
 
 
-def _child(work, model_path, tta, batch_size):
+def _child(work, model_path, tta, batch_size, window_mm):
     """Time one scan's prediction in this (fresh) process; print a RESULT line."""
     import glob
     import inference
@@ -42,16 +43,18 @@ def _child(work, model_path, tta, batch_size):
     predictor = inference.Predictor(model_path, tta=int(tta))
     t0 = time.perf_counter()
     spacing = scan["attrs"]["spacing"]
-    g = predictor.geometry(scan["hu"].shape, spacing)
-    predictor.model_for((g.h, g.w))
+    predictor.check()
     load_s = time.perf_counter() - t0
+    args = (scan["hu"], scan["lung_mask"], int(batch_size), spacing, True, float(window_mm))  # lung slices only
     t0 = time.perf_counter()
-    prob, _ = predictor.predict(scan["hu"], scan["lung_mask"], int(batch_size), spacing)
-    first_s = time.perf_counter() - t0                       # includes tracing the predict function once
+    predictor.predict(*args)
+    first_s = time.perf_counter() - t0             # includes building the network at its input and tracing it
     t0 = time.perf_counter()
-    predictor.predict(scan["hu"], scan["lung_mask"], int(batch_size), spacing)
+    predictor.predict(*args)
     second_s = time.perf_counter() - t0
-    print("RESULT " + json.dumps({"tta": predictor.tta, "load_s": load_s, "first_scan_s": first_s, "scan_s": second_s,
+    g = predictor.lung_window(predictor.geometry(scan["hu"].shape, spacing), scan["lung_mask"], None, float(window_mm))
+    print("RESULT " + json.dumps({"tta": predictor.tta, "lung_window_mm": float(window_mm), "input": [g.h, g.w],
+                                  "load_s": load_s, "first_scan_s": first_s, "scan_s": second_s,
                                   "s_per_slice": second_s / scan["hu"].shape[0], "shape": list(scan["hu"].shape),
                                   "peak_rss_mb": peak_mb()}))
 
@@ -75,12 +78,19 @@ def main(argv=None):
             with open(os.path.join(work, "config.json"), "w") as f:      # what training would record
                 json.dump({"CROP": 0, "CONTEXT_SLICES": cfg.CONTEXT_SLICES, "PIXEL_MM": cfg.PIXEL_MM,
                            "CROP_MM": cfg.CROP_MM, "CONTEXT_MM": cfg.CONTEXT_MM}, f)
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", work, model_path, str(cfg.TTA),
-                                str(cfg.BATCH_SIZE)],
-                               capture_output=True, text=True)
-            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-            results[variant] = json.loads(line[-1][7:]) if line else {"error": (p.stderr or p.stdout)[-500:]}
-            print(variant, json.dumps(results[variant]))
+            import postprocess
+            for name, (tta, window) in (("previous", cfg.PREVIOUS), ("default", (postprocess.TTA,
+                                                                                 postprocess.LUNG_WINDOW_MM))):
+                p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", work, model_path, str(tta),
+                                    str(cfg.BATCH_SIZE), str(window)], capture_output=True, text=True)
+                line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+                r = json.loads(line[-1][7:]) if line else {"error": (p.stderr or p.stdout)[-500:]}
+                results[f"{variant} {name}"] = r
+                print(variant, name, json.dumps(r))
+            old, new = results[f"{variant} previous"], results[f"{variant} default"]
+            if "scan_s" in old and "scan_s" in new:
+                print(f"{variant}: default {new['scan_s']:.1f} s a scan vs previous {old['scan_s']:.1f} s: "
+                      f"{old['scan_s'] / new['scan_s']:.2f}x faster")
     doc = {"machine": f"{os.cpu_count()} cores", "config": cfg, "results": results}
     with open(os.path.join(cfg.OUT_DIR, "bench_inference.json"), "w") as f:
         json.dump(doc, f, indent=2)
@@ -88,7 +98,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--child":
+    if len(sys.argv) == 7 and sys.argv[1] == "--child":
         _child(*sys.argv[2:])
     else:
         sys.exit(main())

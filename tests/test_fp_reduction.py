@@ -9,6 +9,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -318,6 +319,29 @@ def test_score_only_on_another_run(trained, tmp_path):
     assert m["training"] is None
     assert not os.path.exists(os.path.join(out, "patches"))
     assert json.load(open(os.path.join(out, "config.json")))["PATCH_SIDE"] == 8
+
+
+def test_an_ensemble_scores_the_mean_of_its_models(trained, tmp_path):
+    """MODEL=a.keras,b.keras scores each candidate by the mean of the models' probabilities (fp_net.predict over
+    a list); end to end, an ensemble of the trained model with a copy of itself gives the single model's scores."""
+    import keras
+    import fp_net
+    model = os.path.join(trained, "6_fp_reduction", "model.keras")
+    other = fp_net.build_model(8, 4, 2, 8, 0.0, 1e-3)
+    x = np.random.default_rng(0).normal(size=(5, 8, 8, 8, 1)).astype(np.float32)
+    net = keras.saving.load_model(model, compile=False)
+    one, two = fp_net.predict(net, x, 2, 4), fp_net.predict(other, x, 2, 4)
+    np.testing.assert_allclose(fp_net.predict([net, other], x, 2, 4), (one + two) / 2, atol=1e-6)
+    copy = str(tmp_path / "copy" / "model.keras")
+    os.makedirs(os.path.dirname(copy))
+    shutil.copyfile(model, copy)
+    shutil.copyfile(os.path.join(trained, "6_fp_reduction", "config.json"), os.path.join(tmp_path, "copy", "config.json"))
+    runs = {}
+    for name, given in (("single", model), ("ensemble", f"{model},{copy}")):
+        out = str(tmp_path / name)
+        assert fp_reduction.main([f"--WORK_DIR={trained}", f"--MODEL={given}", f"--OUT_DIR={out}"]) == 0
+        runs[name] = list(csv.DictReader(open(os.path.join(out, "candidates_detail.csv"))))
+    assert [r["stage6_probability"] for r in runs["ensemble"]] == [r["stage6_probability"] for r in runs["single"]]
 
 
 def test_candidates_v2_format(trained, tmp_path):

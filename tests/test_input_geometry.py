@@ -222,3 +222,37 @@ def test_raw_pixel_model_outside_its_pixel_range_is_named_once(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("raw-pixel model (PIXEL_MM=0) trained on 1.10-1.80 mm pixels") == 1 and "0.70 mm" in err
     assert pred.outside_range == [0.7, 0.7, 0.7]
+
+
+def test_lung_window_predicts_the_same_lungs_in_less_input(two_resolutions, tmp_path):
+    """LUNG_WINDOW_MM: the window of the input that holds the lungs (margin 10 mm) starts on the 32-px grid,
+    covers every lung pixel of the scan with its margin, is smaller than the whole input, and a local network
+    gives the same probability there as on the whole input (normal and flipped scans)."""
+    import keras
+    import inference
+    inp = keras.Input((None, None, 3))
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inp)
+    model = keras.Model(inp, keras.layers.Conv2D(2, 3, padding="same", activation="softmax")(h))
+    path = str(tmp_path / "local.keras")
+    model.save(path)
+    (tmp_path / "config.json").write_text(json.dumps({"CROP": 0, "CONTEXT_SLICES": 3, "PIXEL_MM": 0.7,
+                                                      "CROP_MM": 300.0, "CONTEXT_MM": 2.5}))
+    for hu, lung, (origin, spacing, direction) in two_resolutions:
+        pred = inference.Predictor(path)
+        g = network_input.InputGeometry(hu.shape, spacing, **SETTINGS)
+        w = pred.lung_window(g, lung, None, 10.0)
+        (r0, r1), (c0, c1) = [(int(round((s - s0) / st)), int(round((s - s0) / st)) + n)
+                              for s, s0, st, n in zip(w.starts, g.starts, g.steps, (w.h, w.w))]
+        assert r0 % 32 == 0 and c0 % 32 == 0 and w.h % 32 == 0 and w.w % 32 == 0
+        assert w.h * w.w < 0.8 * g.h * g.w
+        cover = w.to_scan(np.ones((1, w.h, w.w), np.float32))[0]
+        inside = cover > 0.999
+        rows, cols = np.nonzero(lung.any(axis=0))
+        margin = int(10.0 / spacing[0]) - 1
+        for r, c in ((rows.min() - margin, cols.min() - margin), (rows.max() + margin, cols.max() + margin)):
+            assert inside[r, c], (r, c)
+        whole, box = pred.predict(hu, lung, batch_size=8, spacing=spacing, window_mm=-1.0)
+        part, box_w = pred.predict(hu, lung, batch_size=8, spacing=spacing, window_mm=10.0)
+        assert box_w == box
+        np.testing.assert_allclose(part[lung > 0], whole[lung > 0], atol=1e-5)
+        assert part[:, cover == 0].max(initial=0) == 0                   # nothing predicted outside it

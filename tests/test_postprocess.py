@@ -225,7 +225,7 @@ def test_crop_trained_nasnet_is_rebuilt_for_whole_inputs(tmp_path, variant):
     hu = np.full((2, 128, 128), -800, np.int16)
     prob, box = pr.predict(hu, np.ones(hu.shape, np.uint8), batch_size=2)
     assert prob.shape == hu.shape and np.isfinite(prob).all()
-    rebuilt = pr.model_for((96, 96))
+    [rebuilt] = pr.model_for((96, 96))
     assert rebuilt.input_shape == (None, 96, 96, 1)
     direct = nasnet_v2.get_model((96, 96, 1), variant=variant, bn_momentum=None)
     direct.set_weights(model.get_weights())
@@ -260,6 +260,34 @@ def test_test_time_flips_average_the_flipped_scans(tmp_path):
     assert "tta" not in inference.Predictor(path).signature()                  # TTA=1 keeps the earlier cache keys
     with pytest.raises(ValueError, match="TTA"):
         inference.Predictor(path, tta=3)
+
+
+def test_an_ensemble_averages_its_models(tmp_path):
+    """MODEL=a.keras,b.keras: the probability is the mean of each model's (with TTA too); the signature names
+    both files; models of another input geometry are refused in one line."""
+    import keras
+    paths = []
+    for k in range(2):
+        inp = keras.Input((None, None, 1))
+        init = keras.initializers.RandomNormal(0, 1, seed=10 + k)
+        model = keras.Model(inp, keras.layers.Conv2D(2, 3, padding="same", activation="softmax",
+                                                     kernel_initializer=init)(inp))
+        (tmp_path / f"m{k}").mkdir()
+        paths.append(str(tmp_path / f"m{k}" / "model.keras"))
+        model.save(paths[-1])
+        (tmp_path / f"m{k}" / "config.json").write_text(json.dumps({"CROP": 64, "CONTEXT_SLICES": 1, "PIXEL_MM": 0}))
+    hu = np.random.default_rng(1).integers(-1000, 200, (3, 64, 64)).astype(np.int16)
+    lung = np.ones(hu.shape, np.uint8)
+    for tta in (1, 2):
+        one = [inference.Predictor(p, tta=tta).predict(hu, lung, batch_size=2)[0] for p in paths]
+        both = inference.Predictor(",".join(paths), tta=tta)
+        prob, _ = both.predict(hu, lung, batch_size=2)
+        assert np.abs(one[0] - one[1]).max() > 0.05
+        np.testing.assert_allclose(prob, (one[0] + one[1]) / 2, atol=1e-6)
+    assert both.signature()["model"] == [os.path.abspath(p) for p in paths]
+    (tmp_path / "m1" / "config.json").write_text(json.dumps({"CROP": 32, "CONTEXT_SLICES": 1, "PIXEL_MM": 0}))
+    with pytest.raises(SystemExit, match="same input geometry"):
+        inference.Predictor(",".join(paths))
 
 
 def test_a_model_without_its_input_geometry_is_refused_not_guessed(tmp_path, capsys):
