@@ -83,12 +83,14 @@ LUNG_GATE = True                # probability outside the stage-1 lung mask is s
 BINARIZE = "threshold"          # or "kmeans": the thesis's per-slice 2-cluster K-means + erosion (reproduction only)
 KMEANS_EROSION = 3              # BINARIZE="kmeans": side in pixels of the square erosion element (0 = none) [>= 0]
 BATCH_SIZE = 8                  # slices per prediction call [>= 1]
-TTA = 4                         # test-time augmentation: mean over this many flips of the slice: 1 = none (thesis),
-                                # 2 = + left-right, 4 = + up-down and both; inference time x TTA (4 vs 1 on the selection
-                                # cohort: candidate recall 76.5 vs 72.5 %, CPM after stage 6 0.669 vs 0.591)
-LUNG_WINDOW_MM = 10.0           # only the part of the network input holding the lungs (their box over the scan's slices,
-                                # this margin in mm around it, on the network's 32-pixel grid) is predicted; the input is
-                                # 0 outside the lungs; -1 = the whole input (the same probabilities to ~1e-3) [>= -1]
+TTA = 1                         # test-time augmentation: mean over this many flips of the slice: 1 = none (thesis),
+                                # 2 = + left-right, 4 = + up-down and both; time x TTA. On a held-out cohort (fresh seed,
+                                # 82 nodules) TTA 4 / 2 / 1 gave stage-5 CPM 0.437 / 0.382 / 0.348 and CPM after stage 6
+                                # 0.671 / 0.669 / 0.666: the final answer barely moves (benchmarks/RESULTS.md, "Speed")
+LUNG_WINDOW_MM = -1.0           # >= 0: only the part of the network input holding the lungs (their box over the scan's
+                                # slices, this margin in mm around it, on the network's 32-pixel grid) is predicted, 1.6x
+                                # faster; the decoder's global pooling then sees the window: CPM after stage 6 0.643 vs
+                                # 0.666 on the held-out cohort at TTA 1; -1 = the whole input [>= -1]
 CONNECTIVITY = 3                # 3D components: 1 = 6 face neighbours, 2 = 18 (+edges), 3 = 26 (+corners) [one of: 1, 2, 3]
 MIN_COMPONENT_VOXELS = 1        # components with fewer voxels are removed from the mask and are no candidates [>= 1]
 PROB_DTYPE = "float16"          # how /prob is stored: "float16" or "float32"

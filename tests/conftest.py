@@ -10,6 +10,19 @@ if ROOT not in sys.path:
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``) the tests that share a session or
+    module fixture of this suite run on one worker, so the fixture is built once, not once per worker."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        for name in getattr(item, "fixturenames", ()):
+            defs = info.name2fixturedefs.get(name) if info else None
+            d = defs[-1] if defs else None
+            if d is None or d.scope not in ("session", "module") or not str(d.baseid).startswith("tests"):
+                continue
+            item.add_marker(pytest.mark.xdist_group(name if d.scope == "session" else f"{d.baseid}::{name}"))
+            break
+
 
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory):
