@@ -263,7 +263,7 @@ class Evaluation:
         self.threshold, self.max_candidates = threshold, max_candidates
         self.diam, self.score, self.fp = [], [], []
         self.nodule_scan, self.fp_scan = [], []             # each one's scan index, for the bootstrap interval
-        self.found_op, self.n_fp_op, self.n_scans = [], 0, 0
+        self.found_op, self.n_fp_op, self.n_scans, self.n_excluded = [], 0, 0, 0
 
     def add(self, xyz, score, nod_xyz, diam, excluded):
         self.n_scans += 1
@@ -273,6 +273,7 @@ class Evaluation:
         hits = metrics.match_candidates(xyz, nod_xyz, diam)
         _, best, is_fp, _ = metrics.detect(hits, score, excluded)
         incl = ~excluded
+        self.n_excluded += int(np.sum(excluded))
         self.diam += list(diam[incl])
         self.score += list(best[incl])
         self.fp += list(score[is_fp])
@@ -300,6 +301,7 @@ class Evaluation:
                           "lies within its radius (LUNA16's rule); the others (not on excluded annotations) are "
                           "false positives, divided by every scan of the part"}
         m["n_nodules"], m["n_scans"] = len(self.diam), self.n_scans
+        m["evaluation"] = metrics.evaluation_statement(self.n_excluded)
         return m, curves
 
 

@@ -460,7 +460,9 @@ def write_report(out_dir, cfg, evaluations, timing, failed, n_train_failed, reco
     result = {
         "scans": cfg.SCANS, "n_scans": m_after["n_scans"], "n_scans_failed": len(failed) - n_train_failed,
         "n_nodules": m_after["n_nodules"], "n_candidates": timing["n_candidates"],
-        "candidates": cfg.CANDIDATES_FILE, "model": os.path.abspath(os.path.join(out_dir, "model.keras")),
+        "candidates": cfg.CANDIDATES_FILE,
+        "model": (",".join(os.path.abspath(p) for p in model_files(cfg.MODEL)) if len(model_files(cfg.MODEL)) > 1
+                  else os.path.abspath(os.path.join(out_dir, "model.keras"))),
         "combine": cfg.COMBINE_USED,
         "definition": "before: the candidates scored by their own probability (stage 5's; blob candidates, "
                       "BLOB_CANDIDATES > 0, by BLOB_SCORE); after: the same "

@@ -345,6 +345,20 @@ def _nodule_block(rows):
             "dice_found": float(dices[found & labelled].mean()) if (found & labelled).any() else float("nan")}
 
 
+def evaluation_statement(n_excluded, n_boot=1000):
+    """What a report's figures come from: the evaluation, whether excluded findings were used, the CPM reading
+    convention and the interval method (every report states them)."""
+    return {"evaluation": "official-equivalent LUNA16 FROC (metrics.py; the same CPM and sensitivities as "
+                          "noduleCADEvaluationLUNA16.py on every edge case of tests/fixtures/luna16_eval, except "
+                          "no nodule hit: 0 here, NaN there; docs/evaluation.md)",
+            "excluded_findings": (f"used: {int(n_excluded)} excluded finding(s), candidates within them neither hits "
+                                  "nor false positives") if n_excluded else "none in the truth of these scans",
+            "cpm_reading": "mean of the sensitivities read exactly at 1/8, 1/4, 1/2, 1, 2, 4, 8 FP/scan on the "
+                           "curve (np.interp), not at the official plot's sampled points",
+            "interval": f"95 % bootstrap over scans, {int(n_boot)} seeded draws with replacement, percentiles "
+                        "2.5 / 97.5" if n_boot else "none"}
+
+
 def summarize(results, size_edges=None, rates=None, n_failed=0):
     """Per-scan results (evaluation.evaluate_scan's dicts, one per evaluated scan) -> (the metrics dict written
     to metrics.json, FROC curves overall and by size). ``n_failed`` scans of the part that failed count in
@@ -396,6 +410,7 @@ def summarize(results, size_edges=None, rates=None, n_failed=0):
                                     "definition": D["sensitivity_thesis_rule"]},
         **detection,
         "size_bins_mm": list(size_bin_names(size_edges)), "by_size_definition": D["by_size"],
+        "evaluation": evaluation_statement(sum(res["n_excluded"] for res in results)),
     }
     return metrics, curves
 

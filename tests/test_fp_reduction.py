@@ -229,6 +229,8 @@ def check_outputs(out, n_scans):
     assert set(after["froc"]["by_size"]) == {"<5", "5-10", "10-20", ">=20"}
     assert len(after["froc"]["sensitivities"]) == 7
     assert after["operating_point"]["fp_per_scan"] >= 0
+    assert after["evaluation"]["evaluation"].startswith("official-equivalent LUNA16 FROC")   # it says what it used
+    assert "bootstrap over scans" in after["evaluation"]["interval"]
     assert m["timing"]["seconds_per_scan"] > 0
     rows = list(csv.DictReader(open(os.path.join(out, "candidates.csv"))))
     assert rows and list(rows[0]) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]

@@ -42,6 +42,7 @@ def test_every_stage_output_exists_and_fits(pipeline_run):
     # predicted masks of 5_predictions
     test_series = split["test"]["series"]
     assert m["n_scans"] == len(preds) == len(test_series) and sorted(preds) == sorted(u + ".h5" for u in test_series)
+    assert m["evaluation"]["evaluation"].startswith("official-equivalent") and m["evaluation"]["interval"] != "none"
     n_nodules = truth_voxels = pred_voxels = inter = 0
     for u in test_series:
         s1 = ct_io.read_scan_h5(os.path.join(work, "1_preprocessed", u + ".h5"), arrays=("nodule_mask",))
