@@ -11,8 +11,11 @@ a candidate, and the evaluation of a scoring with metrics.py (fp_reduction.py tr
 ``cfg`` is stage 6's settings (fp_reduction.py's constants by name: VOXEL_MM, HU_WINDOW, PREDICT_BATCH, TTA,
 THRESHOLD, MAX_CANDIDATES, FROC_RATES, DASK_SCHEDULER and the BLOB_* settings). ``score_scans`` streams a part
 scan by scan (one HU volume in memory at a time), here or as tasks on a dask cluster (the settings travel in
-each task), and writes candidates.csv / candidates_detail.csv with candidates.CandidateWriter.
+each task), and writes candidates.csv / candidates_detail.csv with candidates.CandidateWriter; with FINDINGS, the
+candidates above THRESHOLD are measured where the scan is scored (findings.measure_scan, on the stage-5 prediction
+in PRED_DIR_USED) and written to OUT_DIR/findings/ (findings.FindingsFolder) and candidates_detail.csv.
 """
+import contextlib
 import json
 import os
 import sys
@@ -24,6 +27,7 @@ import numpy as np
 import candidates
 import ct_io
 import dask_tasks
+import findings
 import metrics
 import runfiles
 from fp_patches import (KIND_CANDIDATE, augment_crop, extract_patches, label_candidates, nodule_arrays,
@@ -112,11 +116,12 @@ def chosen_combine(how, best_val):
 
 def score_scan(path, model, lookup, side, cfg):
     """One scan's candidates (``lookup(uid)`` -> (xyz, p5, ...)), blobs added (BLOB_CANDIDATES), rescored by
-    ``model`` -> dict: uid, xyz, p5, p6, is_blob, nodules (xyz, diameter, excluded), blob_seconds, seconds.
-    Raises on a scan that cannot be read."""
+    ``model`` -> dict: uid, xyz, p5, p6, is_blob, nodules (xyz, diameter, excluded), blob_seconds, seconds, and
+    with FINDINGS the findings (findings.measure_scan's dict). Raises on a scan that cannot be read."""
     t0 = time.perf_counter()
     blob = candidates.BlobSettings.from_config(cfg)
-    scan = ct_io.read_stage1(path, ("hu", "lung_mask") if blob.n > 0 else ("hu",))
+    with_findings = bool(cfg.get("FINDINGS", False))
+    scan = ct_io.read_stage1(path, ("hu", "lung_mask") if blob.n > 0 or with_findings else ("hu",))
     a = scan["attrs"]
     uid = str(a.get("seriesuid", runfiles.uid_of(path)))
     geo = (a["origin"], a["spacing"], a["direction"])
@@ -131,8 +136,13 @@ def score_scan(path, model, lookup, side, cfg):
         p6[i:i + len(x)] = predict(model, x, cfg["TTA"], batch)
     vox = ct_io.world_to_voxel(np.asarray(xyz, np.float64).reshape(-1, 3), *geo).reshape(-1, 3)
     outside = int(np.sum(((vox < -0.5) | (vox > np.asarray(scan["hu"].shape) - 0.5)).any(axis=1)))
+    found = None
+    if with_findings:
+        pred = runfiles.file_in(cfg["PRED_DIR_USED"], uid, ".h5") if cfg.get("PRED_DIR_USED") else ""
+        found = findings.measure_scan(scan, pred, xyz, p5, p6, combine(p5, p6, cfg["COMBINE_USED"]), cfg["THRESHOLD"],
+                                      findings.FindingSettings.from_config(cfg))
     return {"uid": uid, "xyz": xyz, "p5": p5, "p6": p6, "is_blob": is_blob, "nodules": nodule_arrays(scan["nodules"]),
-            "blob_seconds": blob_sec, "seconds": time.perf_counter() - t0, "n_outside": outside}
+            "blob_seconds": blob_sec, "seconds": time.perf_counter() - t0, "n_outside": outside, "findings": found}
 
 
 # ----------------------------------------------------------------------------- scoring a part (here or on dask)
@@ -183,8 +193,9 @@ def _scan_scores(paths, model, model_path, table, side, cfg):
         yield (path, value, None) if status == "done" else (path, None, value)
 
 
-def _add_scan(r, how, before, after, writer, tally, cfg):
-    """One scored scan: its candidates into the evaluations (stage 5's scores, the final scores) and the files."""
+def _add_scan(r, how, before, after, writer, tally, cfg, folder=None):
+    """One scored scan: its candidates into the evaluations (stage 5's scores, the final scores) and the files
+    (``folder``: the findings folder, or None)."""
     uid, xyz, p5, p6, is_blob = r["uid"], r["xyz"], r["p5"], r["p6"], r["is_blob"]
     nod_xyz, diam, excl = r["nodules"]
     if r.get("n_outside"):
@@ -199,10 +210,18 @@ def _add_scan(r, how, before, after, writer, tally, cfg):
     hit = metrics.match_candidates(xyz, nod_xyz, diam)[:, ~excl].any(axis=0)
     tally["found"] += int(hit.sum())
     tally["total"] += int(len(hit))
-    for c, s5, s6, s, t, f, b in zip(xyz, p5, p6, score, tp, fp, is_blob):
+    found = r.get("findings")
+    for i, (c, s5, s6, s, t, f, b) in enumerate(zip(xyz, p5, p6, score, tp, fp, is_blob)):
         writer.write(uid, c, s, stage5_probability="" if not np.isfinite(s5) else f"{float(s5):.6f}",
                      stage6_probability=f"{s6:.6f}", status="TP" if t else ("FP" if f else "ignored"),
-                     source="blob" if b else "stage5")
+                     source="blob" if b else "stage5", **findings.detail_columns(found, i))
+    if folder is not None and found is not None:
+        try:
+            folder.add_scan(found)
+        except Exception as e:                        # the scores stand; the scan's findings files are said missing
+            from tqdm import tqdm
+            tqdm.write(f"warning: {uid}: findings files not written ({type(e).__name__}: {runfiles.one_line(e)})",
+                       file=sys.stderr)
     tally["seconds"].append(r["seconds"])
     if cfg.BLOB_CANDIDATES > 0:
         tally["blob_seconds"].append(r["blob_seconds"])
@@ -210,6 +229,7 @@ def _add_scan(r, how, before, after, writer, tally, cfg):
 
 
 _DETAIL_FIELDS = ["stage5_probability", "stage6_probability", "status", "source"]   # candidates_detail.csv's own
+                                                                                     # (+ findings.DETAIL_FIELDS)
 
 
 def score_scans(model, model_path, paths, table, side, how, out_dir, failed, cfg):
@@ -220,7 +240,11 @@ def score_scans(model, model_path, paths, table, side, how, out_dir, failed, cfg
     before = Evaluation(cfg.THRESHOLD, cfg.MAX_CANDIDATES) if table.has_prob else None
     after = Evaluation(cfg.THRESHOLD, cfg.MAX_CANDIDATES)
     tally = {"found": 0, "total": 0, "seconds": [], "blob_seconds": [], "n_blobs": 0}
-    with candidates.CandidateWriter(out_dir, _DETAIL_FIELDS) as writer:
+    on = bool(cfg.get("FINDINGS", False))
+    folder = findings.FindingsFolder(out_dir, cfg.THRESHOLD, findings.FindingSettings.from_config(cfg),
+                                     lambda line: tqdm.write(line, file=sys.stderr)) if on else contextlib.nullcontext()
+    with candidates.CandidateWriter(out_dir, _DETAIL_FIELDS + (findings.DETAIL_FIELDS if on else [])) as writer, \
+            folder:
         bar = tqdm(total=len(paths), desc="fp_reduction scoring", unit="scan")
         for path, r, err in _scan_scores(paths, model, model_path, table, side, cfg):
             bar.update(1)
@@ -231,7 +255,7 @@ def score_scans(model, model_path, paths, table, side, how, out_dir, failed, cfg
                     if ev is not None:
                         ev.add_failed()
                 continue
-            _add_scan(r, how, before, after, writer, tally, cfg)
+            _add_scan(r, how, before, after, writer, tally, cfg, folder if on else None)
             bar.set_postfix(candidates=writer.n)
         bar.close()
         if paths and not tally["seconds"]:            # raised inside the writer: the earlier files stay

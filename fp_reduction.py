@@ -18,7 +18,12 @@ Writes (OUT_DIR, default WORK_DIR/6_fp_reduction)
                        history.csv (what --RESUME=1 continues from; each written to a temporary file, then renamed)
     config.json        the constants used, with the patch geometry the model was trained with
     candidates.csv     the same candidates, LUNA16 format, rescored (probability = see COMBINE)
-    candidates_detail.csv  each candidate's stage-5 and stage-6 probabilities and its status (TP / FP / ignored)
+    candidates_detail.csv  each candidate's stage-5 and stage-6 probabilities and its status (TP / FP / ignored);
+                       with FINDINGS, for each finding (final score above THRESHOLD): its number, centre voxel,
+                       volume, equivalent and longest axial diameter, mean / max HU, type, lung side (findings.py)
+    findings/          with FINDINGS, per scan: <seriesuid>.json (the findings), <seriesuid>.html and a PNG per
+                       finding, the mask as DICOM SEG + SR (TID 1500) for DICOM input, else <seriesuid>.nii.gz;
+                       index.html linking the pages (docs/findings.md)
     metrics.json       before (stage 5's scores) and after (rescored): CPM and FROC sensitivities at 1/8 ... 8
                        FP/scan overall and by nodule size, candidate recall, the operating point (THRESHOLD):
                        sensitivity by size and FP/scan; training and scoring times
@@ -134,6 +139,10 @@ BLOB_LUNG_DILATE_MM = 2.5       # the stage-1 lung mask dilated this much (nodul
 BLOB_MERGE_MM = 5.0             # a blob within this of a stage-5 candidate or of a stronger blob is dropped [>= 0]
 BLOB_SCORE = 0.0                # the stage-5 probability given to a blob candidate
 BLOB_RANK = "hessian"           # blobs ranked by "hessian" (the Hessian's weakest curvature: ~0 on vessels) or "log"
+FINDINGS = True                 # candidates above THRESHOLD measured on stage 5's prediction: candidates_detail.csv
+                                # columns and findings/ (pages; DICOM SEG + SR for DICOM input, else .nii.gz + JSON)
+FINDING_SOLID_HU = -200.0       # a voxel inside a finding at or above this HU counts as solid (the type rules)
+FINDING_TYPE_FRACTIONS = (0.1, 0.8)  # solid fraction below the first: ground-glass; from the second on: solid
 
 
 _CHOICES = {"COMBINE": fp_net.COMBINE_CHOICES + ("auto",), "BLOB_RANK": ("hessian", "log")}
@@ -197,6 +206,14 @@ def candidates_file(cfg):
 
 def _report_dir(cfg):
     return cfg.CANDIDATES_DIR or os.path.join(cfg.WORK_DIR, "5_report")
+
+
+def predictions_dir(cfg):
+    """The stage-5 prediction files the findings are measured on: PRED_DIR of stage 5's config.json (beside the
+    candidates rescored), else WORK_DIR/5_predictions (absolute)."""
+    stage5_cfg = os.path.join(_report_dir(cfg), "config.json")
+    pred = runfiles.read_json(stage5_cfg).get("PRED_DIR", "") if os.path.isfile(stage5_cfg) else ""
+    return os.path.abspath(pred or os.path.join(cfg.WORK_DIR, "5_predictions"))
 
 
 def scans_to_score(cfg):
@@ -505,9 +522,10 @@ def _run_held(cfg, out_dir, t_start, failed):
     paths = scans_to_score(cfg)
     # 3. the network: MODEL, or trained here on the training part; the settings saved as config.json
     cfg, model_path, record = scoring_model(cfg, out_dir, cand_path, failed)
+    cfg = cfg.replace(PRED_DIR_USED=predictions_dir(cfg) if cfg.FINDINGS else "")
     save_config(cfg, out_dir)
     model = load_scoring_model(model_path, cfg.PATCH_SIDE)
-    # 4. every candidate of the scans rescored: candidates.csv, candidates_detail.csv
+    # 4. every candidate of the scans rescored: candidates.csv, candidates_detail.csv, findings/
     n_train_failed, t0 = len(failed), time.time()
     ev_before, ev_after, timing = fp_net.score_scans(model, model_path, paths, candidates.CandidateTable([cand_path]),
                                                      cfg.PATCH_SIDE, cfg.COMBINE_USED, out_dir, failed, cfg)
