@@ -10,18 +10,33 @@ if ROOT not in sys.path:
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+@pytest.hookimpl(wrapper=True)                 # before every other plugin: xdist's hook turns groups into node ids
 def pytest_collection_modifyitems(items):
     """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``) the tests that share a session or
-    module fixture of this suite run on one worker, so the fixture is built once, not once per worker."""
+    module fixture of this suite, directly or through another fixture, run on one worker, so the fixture is
+    built once, not once per worker: tests sharing any such fixture are joined into one group."""
+    parent, costly = {}, {}
+
+    def root(k):
+        while parent.setdefault(k, k) != k:
+            k = parent[k]
+        return k
+
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
+        keys = []
         for name in getattr(item, "fixturenames", ()):
             defs = info.name2fixturedefs.get(name) if info else None
             d = defs[-1] if defs else None
-            if d is None or d.scope not in ("session", "module") or not str(d.baseid).startswith("tests"):
-                continue
-            item.add_marker(pytest.mark.xdist_group(name if d.scope == "session" else f"{d.baseid}::{name}"))
-            break
+            if d is not None and d.scope in ("session", "module") and str(d.baseid).startswith("tests"):
+                keys.append(name if d.scope == "session" else f"{d.baseid}::{name}")
+        for k in keys[1:]:
+            parent[root(k)] = root(keys[0])
+        costly[item] = keys
+    for item, keys in costly.items():
+        if keys:
+            item.add_marker(pytest.mark.xdist_group(root(keys[0])))
+    return (yield)
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +98,7 @@ def run_stage(script, *args, work):
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory):
     """The whole pipeline, stages 0-5, on a tiny cohort (6 scans of 128 px) with the real figure-3 network
-    at 96 px (2.5 mm pixels), one short epoch. Returns (work dir, {stage: output})."""
+    at 96 px (2.5 mm pixels), one short epoch run eagerly. Returns (work dir, {stage: output})."""
     work = str(tmp_path_factory.mktemp("pipeline"))
     out = {}
     out["synthetic"] = run_stage("synthetic_ct.py", "--N_SCANS=6", "--N_LIDC_SCANS=0", "--SEED=5", "--IMAGE_SIZE=128",
@@ -95,6 +110,7 @@ def pipeline_run(tmp_path_factory):
                              work=work)                                   # 96 px inputs of 2.5 mm pixels
     out["split"] = run_stage("slice_idx.py", "--TEST_FOLDS=()", "--VAL_FRACTION=0.2", "--TEST_FRACTION=0.2", work=work)
     out["train"] = run_stage("nasnet_v2_train.py", "--EPOCHS=1", "--STEPS_PER_EPOCH=3", "--BATCH_SIZE=4",
-                             "--BN_REESTIMATE_BATCHES=2", "--VAL_MAX_BATCHES=2", work=work)
+                             "--BN_REESTIMATE_BATCHES=2", "--VAL_MAX_BATCHES=2", "--RUN_EAGERLY=True",
+                             work=work)                           # eager: 3 steps cost less than tracing the graph
     out["postprocess"] = run_stage("postprocess.py", "--SCANS=test", "--N_PICTURES=2", work=work)
     return work, out

@@ -73,3 +73,15 @@ def test_files_and_functions_of_a_readable_size(module):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
             first = node.lineno - len(node.decorator_list) - 1          # the def's (or its decorator's) line
             assert first > 0 and lines[first - 1].strip().startswith("#"), f"{module}:{node.lineno} {node.name} is {node.end_lineno - node.lineno + 1} lines"
+
+
+def test_tests_sharing_a_costly_fixture_run_on_one_worker():
+    """``make test`` (-n 2 --dist loadgroup): the tests of one shared session fixture carry one xdist group
+    (appended to their node ids), so the fixture is built once, not on both workers (tests/conftest.py)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-v", "--setup-plan",
+                          "-p", "no:cacheprovider", "tests/test_notebook.py", "tests/test_pipeline_e2e.py"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300).stdout
+    assert "test_notebook_runs_on_the_pipeline_run@pipeline_run" in out, out[-2000:]
+    assert "test_every_stage_output_exists_and_fits@pipeline_run" in out, out[-2000:]
