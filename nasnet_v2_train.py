@@ -84,6 +84,8 @@ SEED = 85                      # weights init, shuffling and augmentation (thesi
 MIXED_PRECISION = "auto"       # float16 compute: "auto" = on a GPU, off on the CPU; "on" (a GPU only); "off" [one of: auto, on, off]
 JIT_COMPILE = "auto"           # XLA compilation of the training step: "auto" = on a GPU, off on the CPU (where it
                                # made inference 7x slower: benchmarks/RESULTS.md); "on"; "off" [one of: auto, on, off]
+RUN_EAGERLY = False            # steps run op by op, no graph traced: for runs of a few steps (tests), where tracing
+                               # the NASNet graph (~100-150 s) costs more than the steps; same maths, slower steps
 WORKERS = 2                    # threads computing batches (0 = in the training process) [>= 0]
 USE_MULTIPROCESSING = False    # processes instead of threads (each batch is then pickled back: slower here)
 LOG_EVERY = 0                  # print the loss every this many batches (0 = Keras's progress bar only) [>= 0]
@@ -210,7 +212,8 @@ def build_model(image_shape, cfg, devices=1):
         for layer in nasnet_v2.batchnorm_layers(model):
             layer.synchronized = True
         loss = _register_global_batch_loss()
-    model.compile(optimizer=opt, loss=loss, metrics=[nasnet_v2.dice_coef], jit_compile=gpu_switch(cfg.JIT_COMPILE))
+    model.compile(optimizer=opt, loss=loss, metrics=[nasnet_v2.dice_coef],
+                  jit_compile=gpu_switch(cfg.JIT_COMPILE) and not cfg.RUN_EAGERLY, run_eagerly=cfg.RUN_EAGERLY)
     return model
 
 

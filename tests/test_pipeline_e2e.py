@@ -96,7 +96,7 @@ def test_resume_continues_from_last_checkpoint(pipeline_run, tmp_path):
     before = json.load(open(os.path.join(copy, "4_model", "state.json")))
     assert before["epoch"] == 0
     out = run_stage("nasnet_v2_train.py", "--RESUME=1", "--EPOCHS=2", "--STEPS_PER_EPOCH=2", "--BATCH_SIZE=4",
-                    "--BN_REESTIMATE_BATCHES=1", "--VAL_MAX_BATCHES=1", work=copy)
+                    "--BN_REESTIMATE_BATCHES=1", "--VAL_MAX_BATCHES=1", "--RUN_EAGERLY=True", work=copy)
     assert "resuming from" in out and "epoch 2:" in out
     after = json.load(open(os.path.join(copy, "4_model", "state.json")))
     rows = list(csv.DictReader(open(os.path.join(copy, "4_model", "history.csv"))))
