@@ -13,7 +13,9 @@ does once; TensorFlow's graph options are process-wide; the Keras backend is cho
 Modes: graph = Keras's default tf.function, jit_compile=False; xla = jit_compile=True; eager =
 run_eagerly=True; graph_no_grappler = graph with TensorFlow's grappler meta-optimiser disabled
 (tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})); jax = KERAS_BACKEND=jax
-(jit-compiled by XLA), only when jax is importable (JAX_PATH adds a folder holding it to PYTHONPATH).
+(jit-compiled by XLA), only when jax is importable (JAX_PATH adds a folder holding it to PYTHONPATH); bf16 =
+graph with Keras's "mixed_bfloat16" policy (bfloat16 compute, float32 weights: what a CPU with AVX-512 BF16 could
+gain).
 Throughput at every size in SIZES uses the mode THROUGHPUT_MODE; the mode comparison runs at MODE_SIZE.
 """
 import json
@@ -32,7 +34,7 @@ SIZES = (256, 400)                # input sizes for the throughput table
 BATCH = 4                         # slices per training step
 STEPS = 5                         # timed training steps after the first one
 THROUGHPUT_MODE = "graph"         # execution mode of the throughput table (the training script's default)
-MODES = ("graph", "xla", "eager", "graph_no_grappler", "jax")   # first-step comparison (figure3 only)
+MODES = ("graph", "xla", "eager", "graph_no_grappler", "jax")   # first-step comparison (figure3 only; also "bf16")
 MODE_SIZE = 256                   # input size of the first-step comparison
 MODE_STEPS = 2                    # timed steps after the first in the comparison
 JAX_PATH = "/tmp/jaxenv"          # folder with jax/jaxlib (pip install --target); "" = only if in the venv
@@ -63,6 +65,8 @@ def worker(spec):
     y = np.eye(2, dtype="float32")[y]
 
     keras.utils.set_random_seed(0)
+    if spec["mode"] == "bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     t = time.perf_counter()
     model = nv.get_model((size, size, 1), variant=spec["model"])
     t_build = time.perf_counter() - t
