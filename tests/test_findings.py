@@ -317,3 +317,38 @@ def test_pages_list_every_finding_and_escape_the_scan_text(scored):
             links = re.findall(r'(?:src|href)="([^"]*)"', text)
             assert all("/" not in v and ":" not in v and os.path.isfile(os.path.join(folder, v)) for v in links), links
     assert not [f for f in os.listdir(scored["out"]) if ".tmp" in f]
+
+
+# ----------------------------------------------------------------------------- the check against the truth
+
+def test_findings_check_matches_by_radius_and_measures_errors():
+    """benchmarks/findings_check.py: a finding counts for the truth nodule whose radius holds its centre (the
+    higher-scored of two), its errors are measured against the truth's diameter, voxel volume and axial diameter;
+    a nodule without a finding within its radius is counted but not found."""
+    from benchmarks import findings_check as fc
+    import synthetic_ct
+    spacing_zyx = np.array([1.0, 0.5, 0.5])
+    mask = np.zeros((40, 80, 80), np.uint8)
+    big = sphere(mask.shape, (20, 40, 20), spacing_zyx, 10.0)
+    mask[big] = 1
+    mask[sphere(mask.shape, (20, 40, 62), spacing_zyx, 6.0)] = 2
+    nodules = np.zeros(2, synthetic_ct.TRUTH_DTYPE)
+    for i, (k, cx, d) in enumerate(((1, 20, 10.0), (2, 62, 6.0))):
+        nodules[i]["k"], nodules[i]["diameter_mm"], nodules[i]["kind"] = k, d, b"solid"
+        nodules[i]["world_x"], nodules[i]["world_y"], nodules[i]["world_z"] = cx * 0.5, 20.0, 20.0
+        nodules[i]["n_voxels"] = int((mask == k).sum())
+    truth = {"nodule_mask": mask, "nodules": nodules, "attrs": {"spacing": spacing_zyx[::-1]}}
+    v = float((mask == 1).sum() * 0.25)
+    row = dict(coordX=10.5, coordY=20.0, coordZ=20.0, probability=0.9, equivalent_diameter_mm=11.0,
+               volume_mm3=v * 1.2, axial_diameter_mm=10.0, nodule_type="solid")
+    worse = dict(row, probability=0.5, equivalent_diameter_mm=20.0)
+    far = dict(row, coordX=31.0 + 3.5)                    # beyond the 3 mm radius of nodule 2 (x = 31 mm)
+    entries = fc.match_scan(truth, [worse, row, far])
+    assert entries[0]["found"]["equivalent_diameter_mm"] == 11.0            # the higher-scored of the two
+    assert "found" not in entries[1]
+    assert abs(entries[0]["volume_mm3"] - v) < 1e-6 and 9.0 < entries[0]["axial_mm"] < 11.5
+    s = fc.summarize(entries, (5.0, 10.0), 1.5, 0.25)
+    assert s[">= 10 mm"]["found"] == 1 and s["5-10 mm"] == dict(s["5-10 mm"], nodules=1, found=0)
+    assert s[">= 10 mm"]["diameter_within_tol"] == 1.0 and s[">= 10 mm"]["volume_within_tol"] == 1.0
+    assert s[">= 5 mm (all)"]["nodules"] == 2
+    assert "| >= 10 mm | 1 | 1 | 100 % |" in fc.table(s, 1.5, 0.25)
