@@ -8,10 +8,13 @@ counts, what the leakage guard removed; and ``OUT_DIR/config.json``.
     python slice_idx.py                                   # WORK_DIR=work
     python slice_idx.py --TEST_FOLDS=(8,9) --SEED=1
     python slice_idx.py --WORK_DIR=work_lidc --TEST_LUNA16_DIR=data/luna16   # train on LIDC, test on LUNA16
+    python slice_idx.py --TEST_FOLDS=(3,) --VAL_FOLDS=(4,)     # one fold of a 10-fold cross-validation
 
 How patients are split:
 - LUNA16 tables (source paths in ``subsetK`` folders, the official 10 folds) with TEST_FOLDS non-empty: the
-  test part is the scans of those folds; validation is VAL_FRACTION of the other patients, drawn with SEED.
+  test part is the scans of those folds; validation is VAL_FRACTION of the other patients, drawn with SEED,
+  or, with VAL_FOLDS non-empty, the patients of those folds (cross_validate.py: test fold k, validation fold
+  k + 1, training the rest).
 - TEST_FROM=<another run's split.json>: its test patients are the test part (two runs, one test set).
 - Otherwise (LIDC, or TEST_FOLDS=()): patients are shuffled with SEED; TEST_FRACTION and VAL_FRACTION of them
   go to test and validation (STRATIFY: patients with and without nodule slices are split separately, so
@@ -47,6 +50,7 @@ TEST_FRACTION = 0.1            # share of patients in test (random split only) [
 SEED = 85                      # seed of the patient shuffle (the thesis's slice shuffle used 85)
 STRATIFY = True                # split patients with and without nodule slices separately
 TEST_FOLDS = (9,)              # LUNA16 subset folds forming the test part; () = random patient split
+VAL_FOLDS = ()                 # LUNA16 subset folds forming the validation part (not in TEST_FOLDS); () = VAL_FRACTION
 TEST_FROM = ""                 # a split.json whose test patients are this split's test part ("" = off)
 TEST_LUNA16_DIR = ""           # leakage guard: LUNA16 folder, CSV (seriesuid column) or UID list; "" = off
 GUARD_BY_PATIENT = True        # guard: also remove the other series of a guarded series' patient
@@ -92,31 +96,38 @@ def _draw(patients, fraction, at_least_one):
     return patients[:n], patients[n:]
 
 
-def split_patients(patients, has_nodule, val_fraction, test_fraction, seed, stratify=True, test=()):
+def split_patients(patients, has_nodule, val_fraction, test_fraction, seed, stratify=True, test=(), val=()):
     """Patients -> dict part -> sorted list. ``test``: patients fixed in the test part (LUNA16 folds); when
-    given, test_fraction is not used. ``has_nodule``: dict patient -> bool (for STRATIFY)."""
+    given, test_fraction is not used. ``val``: patients fixed in the validation part (VAL_FOLDS; those also in
+    ``test`` stay in test); when given, val_fraction is not used. ``has_nodule``: dict patient -> bool (for
+    STRATIFY)."""
     rng = np.random.default_rng(seed)
     test = set(test)
-    pool = sorted(set(patients) - test)
+    val = set(val) - test
+    pool = sorted(set(patients) - test - val)
     groups = [[p for p in pool if has_nodule[p]], [p for p in pool if not has_nodule[p]]] if stratify else [pool]
-    parts = {"train": [], "val": [], "test": sorted(test)}
+    parts = {"train": [], "val": sorted(val), "test": sorted(test)}
     for gi, g in enumerate(groups):                 # group 0 (nodule patients) gets at least one in each part
         g = [g[i] for i in rng.permutation(len(g))]
         if not test:
             drawn, g = _draw(g, test_fraction, gi == 0)
             parts["test"] += drawn
-        drawn, g = _draw(g, val_fraction, gi == 0)
-        parts["val"] += drawn
+        if not val:
+            drawn, g = _draw(g, val_fraction, gi == 0)
+            parts["val"] += drawn
         parts["train"] += g
     return {k: sorted(v) for k, v in parts.items()}
 
 
 def make_split(slices, val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, seed=SEED, stratify=STRATIFY,
-               test_folds=TEST_FOLDS, guard=None, guard_by_patient=GUARD_BY_PATIENT, test_patients=None):
+               test_folds=TEST_FOLDS, guard=None, guard_by_patient=GUARD_BY_PATIENT, test_patients=None,
+               val_folds=VAL_FOLDS):
     """The split of a table's ``/slices`` rows (structured array) -> (idx dict part -> int64 rows, info dict).
 
     ``guard``: set of SeriesInstanceUIDs to remove from train and val (None = no guard). ``test_patients``:
-    patients fixed in the test part (another run's test part, TEST_FROM), before TEST_FOLDS."""
+    patients fixed in the test part (another run's test part, TEST_FROM), before TEST_FOLDS. ``val_folds``:
+    LUNA16 folds whose patients are the validation part (not drawn with val_fraction); SystemExit when the
+    table has no scan in them or they overlap the test folds."""
     pid = np.char.decode(slices["patient_id"].astype("S"), "utf-8") if len(slices) else np.array([], str)
     uid = np.char.decode(slices["seriesuid"].astype("S"), "utf-8") if len(slices) else np.array([], str)
     subset = slices["subset"].astype(int) if len(slices) else np.array([], int)
@@ -136,39 +147,63 @@ def make_split(slices, val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, s
     if test_folds and not fold_test and test_patients is None:
         print(f"TEST_FOLDS={tuple(test_folds)}: no scan of the table is in these LUNA16 folds (folds present: "
               f"{folds or 'none'}); random patient split instead")
-    parts = split_patients(sorted(has_nodule), has_nodule, val_fraction, test_fraction, seed, stratify, fold_test)
+    fold_val = _fold_patients(pid, subset, val_folds, test_folds if mode == "folds" else (), folds)
+    parts = split_patients(sorted(has_nodule), has_nodule, val_fraction, test_fraction, seed, stratify, fold_test,
+                           fold_val)
     part_of = {p: k for k, v in parts.items() for p in v}
     row_part = np.array([part_of[p] for p in pid], dtype=object)
-    info = dict(mode=mode, seed=seed, val_fraction=val_fraction,
+    info = dict(mode=mode, seed=seed, val_fraction=None if val_folds else val_fraction,
                 test_fraction=test_fraction if mode == "random" else None,
                 test_folds=list(test_folds) if mode == "folds" else [], folds_in_table=folds, stratify=stratify)
+    if val_folds:
+        info["val_folds"] = list(val_folds)
     if mode == "fixed":
         info["test_patients_fixed"] = fold_test
     keep = np.ones(len(slices), bool)
     if guard is not None:
-        hit_series = set(uid) & set(guard)
-        hit_rows = np.isin(uid, list(hit_series))
-        hit_patients = set(pid[hit_rows])
-        if guard_by_patient:
-            hit_rows = np.isin(pid, list(hit_patients))
-        trainval = (row_part == "train") | (row_part == "val")
-        removed_rows = hit_rows & trainval
-        keep &= ~removed_rows
-        removed_series = sorted(set(uid[removed_rows]))
-        info["guard"] = dict(
-            guard_series=len(set(guard)), guard_series_in_table=len(hit_series), by_patient=guard_by_patient,
-            removed_series=removed_series, removed_patients=sorted(set(pid[removed_rows])),
-            removed_rows=int(removed_rows.sum()),
-            removed_sibling_series=sorted(set(removed_series) - hit_series))
-        print(f"leakage guard: removed {len(removed_series)} series ({len(info['guard']['removed_patients'])} "
-              f"patients, {int(removed_rows.sum())} slices) from train/val; {len(hit_series)} of the "
-              f"{len(set(guard))} guarded series are in this table")
+        keep &= ~_guarded_rows(pid, uid, row_part, guard, guard_by_patient, info)
     idx = {k: np.nonzero((row_part == k) & keep)[0].astype(np.int64) for k in ("train", "val", "test")}
     for k in idx:
         rows = idx[k]
         info[k] = dict(patients=sorted(set(pid[rows])), series=sorted(set(uid[rows])), rows=int(len(rows)),
                        nodule_rows=int((slices["n_nodule_pixels"][rows] > 0).sum()) if len(rows) else 0)
     return idx, info
+
+
+def _fold_patients(pid, subset, val_folds, test_folds, folds):
+    """The patients of the LUNA16 folds ``val_folds`` (sorted; [] when none are asked for); SystemExit when a
+    fold is also a test fold or the table has no scan in them."""
+    if not val_folds:
+        return []
+    both = sorted(set(val_folds) & set(test_folds))
+    if both:
+        raise SystemExit(f"VAL_FOLDS={tuple(val_folds)}: fold(s) {both} are also in TEST_FOLDS")
+    found = sorted(set(pid[np.isin(subset, list(val_folds))]))
+    if not found:
+        raise SystemExit(f"VAL_FOLDS={tuple(val_folds)}: no scan of the table is in these LUNA16 folds (folds "
+                         f"present: {folds or 'none'})")
+    return found
+
+
+def _guarded_rows(pid, uid, row_part, guard, guard_by_patient, info):
+    """The training and validation rows the leakage guard removes (bool per row); info["guard"] records them."""
+    hit_series = set(uid) & set(guard)
+    hit_rows = np.isin(uid, list(hit_series))
+    hit_patients = set(pid[hit_rows])
+    if guard_by_patient:
+        hit_rows = np.isin(pid, list(hit_patients))
+    trainval = (row_part == "train") | (row_part == "val")
+    removed_rows = hit_rows & trainval
+    removed_series = sorted(set(uid[removed_rows]))
+    info["guard"] = dict(
+        guard_series=len(set(guard)), guard_series_in_table=len(hit_series), by_patient=guard_by_patient,
+        removed_series=removed_series, removed_patients=sorted(set(pid[removed_rows])),
+        removed_rows=int(removed_rows.sum()),
+        removed_sibling_series=sorted(set(removed_series) - hit_series))
+    print(f"leakage guard: removed {len(removed_series)} series ({len(info['guard']['removed_patients'])} "
+          f"patients, {int(removed_rows.sum())} slices) from train/val; {len(hit_series)} of the "
+          f"{len(set(guard))} guarded series are in this table")
+    return removed_rows
 
 
 def _read_slices(path):
@@ -207,7 +242,7 @@ def main(argv=None):
     guard = guard_series(cfg.TEST_LUNA16_DIR, cfg.TEST_FOLDS) if cfg.TEST_LUNA16_DIR else None   # 2. guard
     test_patients = runfiles.read_json(cfg.TEST_FROM)["test"]["patients"] if cfg.TEST_FROM else None
     idx, info = make_split(slices, cfg.VAL_FRACTION, cfg.TEST_FRACTION, cfg.SEED, cfg.STRATIFY,   # 3. split
-                           tuple(cfg.TEST_FOLDS), guard, cfg.GUARD_BY_PATIENT, test_patients)
+                           tuple(cfg.TEST_FOLDS), guard, cfg.GUARD_BY_PATIENT, test_patients, tuple(cfg.VAL_FOLDS))
     info["test_from"] = os.path.abspath(cfg.TEST_FROM) if cfg.TEST_FROM else None
     info["table"] = os.path.abspath(path)
     info["guard_source"] = cfg.TEST_LUNA16_DIR or None
