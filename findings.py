@@ -17,7 +17,10 @@ Segmentation, inside a cube of ``box_mm`` around the centre, in the stage-5 pred
 grid): the 26-connected component of /mask containing the centre voxel, or else the one nearest to the centre
 within ``search_mm`` ("stage5_mask"); without one, the 26-connected region of /prob >= ``peak`` x the highest
 probability within ``search_mm`` of the centre, around that voxel, when that probability is at least
-``min_prob`` ("stage5_probability"); else none ("none": no measurement, only the centre).
+``min_prob`` ("stage5_probability"); else none ("none": no measurement, only the centre). The stage-5 region
+is then outlined again in the HU image ("wand", ``wand`` = (a, b), FINDING_WAND of stage 6; () = off): the
+magic wand of cell_magic_wand.py (the stage-1 labeller) seeded at the centre, with the diameter bound
+a x the stage-5 region's equivalent diameter + b mm (the network's mask at 0.5 is smaller than the nodule).
 
 Measurements of the segmented voxels (spacing from the stage-1 file):
 - volume (mm^3) = voxels x voxel volume; equivalent diameter = the diameter of the sphere of that volume,
@@ -66,11 +69,13 @@ class FindingSettings:
     box_mm: float = 60.0                    # measured inside a cube of this side around the centre
     peak: float = 0.5                       # without a mask component: prob >= peak x the local maximum
     min_prob: float = 0.02                  # ... when that maximum is at least this
+    wand: tuple = (1.5, 6.0)                # the wand's diameter bound = a x stage-5 diameter + b mm; () = off
 
     @classmethod
     def from_config(cls, cfg):
-        """From stage 6's settings (FINDING_SOLID_HU, FINDING_TYPE_FRACTIONS)."""
-        return cls(solid_hu=float(cfg["FINDING_SOLID_HU"]), type_fractions=tuple(cfg["FINDING_TYPE_FRACTIONS"]))
+        """From stage 6's settings (FINDING_SOLID_HU, FINDING_TYPE_FRACTIONS, FINDING_WAND)."""
+        return cls(solid_hu=float(cfg["FINDING_SOLID_HU"]), type_fractions=tuple(cfg["FINDING_TYPE_FRACTIONS"]),
+                   wand=tuple(cfg.get("FINDING_WAND", cls.wand)))
 
 
 # ----------------------------------------------------------------------------- segmentation and measurements
@@ -105,6 +110,21 @@ def segment(prob, mask, center, spacing_zyx, s):
             labels, _ = ndimage.label(prob >= s.peak * top, _NEIGHBOURS)
             return labels == labels[i], "stage5_probability"
     return None, "none"
+
+
+def wand_refine(hu, region, center, spacing_zyx, s):
+    """The finding outlined in the HU image (``hu``: the box of ``region``) by the magic wand of
+    cell_magic_wand.py, seeded at ``center`` (voxels in the box), its diameter bound ``s.wand`` = (a, b): a x the
+    stage-5 region's equivalent diameter + b mm -> (region, "wand"); (the stage-5 region, None) when the wand
+    is off or its outline is empty."""
+    if not s.wand:
+        return region, None
+    from cell_magic_wand import wand_nodule_box
+    d5 = (6.0 * np.count_nonzero(region) * float(np.prod(spacing_zyx)) / math.pi) ** (1.0 / 3.0)
+    box, sl = wand_nodule_box(hu, center, s.wand[0] * d5 + s.wand[1], spacing_zyx)
+    out = np.zeros(np.shape(hu), bool)
+    out[sl] = box
+    return (out, "wand") if out.any() else (region, None)
 
 
 def axial_diameter(region, spacing_zyx):
@@ -277,6 +297,8 @@ def measure_one(hu, pred, geo, xyz, s):
         local = zyx - [b.start for b in box]
         region, how = segment(*pred.boxes(box), local, spacing, s)
         if region is not None and region.any():
+            region, wand = wand_refine(hu[box], region, local, spacing, s)
+            how = wand or how
             m = measure_region(region, hu[box], spacing, s)
             z, ends = box[0].start + m.pop("_z"), m.pop("_ends")
             ends = [tuple(int(v) for v in np.add(e, (box[1].start, box[2].start))) for e in ends]

@@ -143,6 +143,8 @@ FINDINGS = True                 # candidates above THRESHOLD measured on stage 5
                                 # columns and findings/ (pages; DICOM SEG + SR for DICOM input, else .nii.gz + JSON)
 FINDING_SOLID_HU = -200.0       # a voxel inside a finding at or above this HU counts as solid (the type rules)
 FINDING_TYPE_FRACTIONS = (0.1, 0.8)  # solid fraction below the first: ground-glass; from the second on: solid
+FINDING_WAND = (1.5, 6.0)       # findings outlined in HU by the magic wand, diameter bound a x stage-5 diameter + b
+                                # mm (chosen on a cohort of another seed: benchmarks/RESULTS.md); () = stage 5's region
 
 
 _CHOICES = {"COMBINE": fp_net.COMBINE_CHOICES + ("auto",), "BLOB_RANK": ("hessian", "log")}

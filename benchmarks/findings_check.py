@@ -9,7 +9,8 @@ several do) is compared with the exact truth of synthetic_ct.py (RUN/0_synthetic
 - longest axial diameter (mm): ``axial_diameter_mm`` vs the same measure (findings.axial_diameter) of the truth
   mask.
 Prints and writes OUT/findings_check.json and .md: per size bin the found nodules, the share within DIAMETER_TOL_MM
-and VOLUME_TOL, the median and 90th-percentile absolute errors, and the found nodules per type.
+and VOLUME_TOL, the median and 90th-percentile absolute errors, and the share whose type (solid / part-solid /
+ground-glass) is the one the truth drew.
 
     python benchmarks/findings_check.py --RUN=work/demo
     python benchmarks/findings_check.py --RUN=work/demo --FP_DIR=work/demo/6_fp_reduction --SIZE_BINS=(5.0,10.0)
@@ -99,6 +100,8 @@ def summarize(entries, bins, d_tol, v_tol):
                       "diameter_err_mm_median_p90": [q(d_err, 50), q(d_err, 90)],
                       "axial_err_mm_median_p90": [q(a_err, 50), q(a_err, 90)],
                       "volume_err_rel_median_p90": [q(v_err, 50), q(v_err, 90)],
+                      "type_agreement": round(float(np.mean([e["found"]["nodule_type"] == e["kind"] for e in found])), 3)
+                      if found else None,
                       "signed_diameter_err_mm_mean": round(float(np.mean(
                           [e["found"]["equivalent_diameter_mm"] - e["diameter_mm"] for e in found])), 3) if found else None}
     return dict(sorted(out.items()))
@@ -106,14 +109,14 @@ def summarize(entries, bins, d_tol, v_tol):
 
 def table(summary, d_tol, v_tol):
     lines = [f"| truth size | nodules | found | eq. diameter within {d_tol:g} mm | axial diameter within {d_tol:g} mm "
-             f"| volume within {100 * v_tol:g} % | eq. diameter error median / p90 (mm) | volume error median / p90 |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| volume within {100 * v_tol:g} % | eq. diameter error median / p90 (mm) | volume error median / p90 "
+             f"| type = truth's |", "|---|---|---|---|---|---|---|---|---|"]
     pct = (lambda v: "-" if v is None else f"{100 * v:.0f} %")
     for label, s in summary.items():
         d, v = s["diameter_err_mm_median_p90"], s["volume_err_rel_median_p90"]
         lines.append(f"| {label} | {s['nodules']} | {s['found']} | {pct(s['diameter_within_tol'])} | "
                      f"{pct(s['axial_within_tol'])} | {pct(s['volume_within_tol'])} | {d[0]} / {d[1]} | "
-                     f"{pct(v[0])} / {pct(v[1])} |")
+                     f"{pct(v[0])} / {pct(v[1])} | {pct(s['type_agreement'])} |")
     return "\n".join(lines)
 
 
