@@ -20,7 +20,9 @@ probability within ``search_mm`` of the centre, around that voxel, when that pro
 ``min_prob`` ("stage5_probability"); else none ("none": no measurement, only the centre). The stage-5 region
 is then outlined again in the HU image ("wand", ``wand`` = (a, b), FINDING_WAND of stage 6; () = off): the
 magic wand of cell_magic_wand.py (the stage-1 labeller) seeded at the centre, with the diameter bound
-a x the stage-5 region's equivalent diameter + b mm (the network's mask at 0.5 is smaller than the nodule).
+a x the stage-5 region's equivalent diameter + b mm (the network's mask at 0.5 is smaller than the nodule);
+a finding without a stage-5 region (an image blob the network gave nothing) is outlined by the wand alone, its
+bound that of a region of diameter 2 x ``search_mm``, when the outline has >= 8 voxels of median HU >= -700.
 
 Measurements of the segmented voxels (spacing from the stage-1 file):
 - volume (mm^3) = voxels x voxel volume; equivalent diameter = the diameter of the sphere of that volume,
@@ -58,6 +60,8 @@ DETAIL_FIELDS = ["finding", "center_z", "center_y", "center_x", "volume_mm3", "e
                  "axial_diameter_mm", "mean_hu", "max_hu", "solid_fraction", "nodule_type", "lung_side",
                  "segmentation"]            # candidates_detail.csv's finding columns (empty for other candidates)
 _NEIGHBOURS = np.ones((3, 3, 3), bool)      # 26-connectivity
+_WAND_ALONE_MIN_VOXELS = 8                  # without a stage-5 region the wand's outline counts from this size ...
+_WAND_ALONE_MIN_HU = -700.0                 # ... and median HU (ground glass and denser; lung is about -850)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,15 +119,19 @@ def segment(prob, mask, center, spacing_zyx, s):
 def wand_refine(hu, region, center, spacing_zyx, s):
     """The finding outlined in the HU image (``hu``: the box of ``region``) by the magic wand of
     cell_magic_wand.py, seeded at ``center`` (voxels in the box), its diameter bound ``s.wand`` = (a, b): a x the
-    stage-5 region's equivalent diameter + b mm -> (region, "wand"); (the stage-5 region, None) when the wand
-    is off or its outline is empty."""
+    stage-5 region's equivalent diameter + b mm (without a stage-5 region, ``region`` None: of a nodule filling the
+    search sphere, 2 x ``search_mm``) -> (region, "wand"); (the stage-5 region, None) when the wand is off or its
+    outline is empty."""
     if not s.wand:
         return region, None
     from cell_magic_wand import wand_nodule_box
-    d5 = (6.0 * np.count_nonzero(region) * float(np.prod(spacing_zyx)) / math.pi) ** (1.0 / 3.0)
+    n5 = np.count_nonzero(region) if region is not None else 0
+    d5 = (6.0 * n5 * float(np.prod(spacing_zyx)) / math.pi) ** (1.0 / 3.0) if n5 else 2.0 * s.search_mm
     box, sl = wand_nodule_box(hu, center, s.wand[0] * d5 + s.wand[1], spacing_zyx)
     out = np.zeros(np.shape(hu), bool)
     out[sl] = box
+    if n5 == 0 and (np.count_nonzero(out) < _WAND_ALONE_MIN_VOXELS or np.median(hu[out]) < _WAND_ALONE_MIN_HU):
+        return region, None                        # the wand alone outlined lung, not a nodule
     return (out, "wand") if out.any() else (region, None)
 
 
@@ -296,9 +304,9 @@ def measure_one(hu, pred, geo, xyz, s):
     if box is not None:
         local = zyx - [b.start for b in box]
         region, how = segment(*pred.boxes(box), local, spacing, s)
+        region, wand = wand_refine(hu[box], region, local, spacing, s)
+        how = wand or how
         if region is not None and region.any():
-            region, wand = wand_refine(hu[box], region, local, spacing, s)
-            how = wand or how
             m = measure_region(region, hu[box], spacing, s)
             z, ends = box[0].start + m.pop("_z"), m.pop("_ends")
             ends = [tuple(int(v) for v in np.add(e, (box[1].start, box[2].start))) for e in ends]
