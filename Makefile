@@ -1,5 +1,5 @@
 # make test | make demo | make bench | make train-long : each creates .venv and installs requirements.txt first.
-# make test: the pytest suite, 7.7 min on 2 cores (2026-12-07); make demo: stages 0-6, then the pipeline's answer.
+# make test: the pytest suite, 7.7-8.2 min on 2 cores (2026-12-07); make demo: stages 0-6, then the pipeline's answer.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

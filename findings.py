@@ -1,5 +1,6 @@
-"""Per-finding clinical outputs: every candidate above stage 6's operating threshold measured on the stage-5
-segmentation around it, then written as the files and pages a reader opens.
+"""Per-finding clinical outputs: every candidate above stage 6's operating threshold segmented (stage 5's
+prediction around it, outlined again in HU by the magic wand) and measured, then written as the files and pages
+a reader opens.
 
     s = FindingSettings(solid_hu=-200.0, type_fractions=(0.1, 0.8))
     found = measure_scan(scan, pred_path, xyz, p5, p6, score, threshold, s)   # where the scan is scored

@@ -45,10 +45,10 @@ def _findings(detail_csv):
 
 def _truth_axial(truth, k):
     import findings
+    from scipy import ndimage
     region = truth["nodule_mask"] == k
-    zs, ys, xs = (np.nonzero(region.any(axis=a))[0] for a in ((1, 2), (0, 2), (0, 1)))
-    box = region[zs[0]:zs[-1] + 1, ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1]
-    return findings.axial_diameter(box, truth["attrs"]["spacing"][::-1])[0]
+    box = ndimage.find_objects(region.astype(np.uint8))[0]
+    return findings.axial_diameter(region[box], truth["attrs"]["spacing"][::-1])[0]
 
 
 def match_scan(truth, rows):
