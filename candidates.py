@@ -8,6 +8,8 @@
   candidate per place (nothing within ``merge_mm`` of a stronger one).
 - ``CandidateTable`` reads any LUNA16-format candidate file; ``CandidateWriter`` writes ``candidates.csv`` (the
   submission format) and ``candidates_detail.csv`` side by side, streamed, renamed into place when complete.
+- ``pool_files``, ``write_truth``, ``write_scan_list``: the files LUNA16's evaluation (metrics.py) scores for a set
+  of scans pooled from several runs: candidates one file after another, annotations from the stage-1 files.
 
 Stage 5 (postprocess.py) and stage 6 (fp_reduction.py) both use this module; settings arrive as arguments
 (``BlobSettings`` for the blob detector), never as module constants.
@@ -405,3 +407,53 @@ def luna_row(uid, xyz, prob):
     """One row of a LUNA16 candidate file (world mm to 3 decimals, probability to 6)."""
     return {"seriesuid": uid, "coordX": f"{xyz[0]:.3f}", "coordY": f"{xyz[1]:.3f}", "coordZ": f"{xyz[2]:.3f}",
             "probability": f"{float(prob):.6f}"}
+
+
+# ----------------------------------------------------------------------------- LUNA16-format files of a set of scans
+
+def _lines(path):
+    """A candidates file -> (header line, data lines)."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    return (lines[0] if lines else ""), [ln for ln in lines[1:] if ln.strip()]
+
+
+def pool_files(path, files, keep=None):
+    """The data lines of ``files`` one after another under the first one's header, atomically; ``keep``: per file
+    the seriesuids whose lines are kept (None = all) -> the number of lines."""
+    header, lines = None, []
+    for i, p in enumerate(files):
+        head, rows = _lines(p)
+        if header is not None and head != header:
+            raise SystemExit(f"{p}: its header {head!r} differs from {files[0]}'s {header!r}")
+        header = head
+        lines += rows if keep is None else [r for r in rows if r.split(",", 1)[0].strip() in keep[i]]
+    with runfiles.atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join([header or ",".join(LUNA_FIELDS)] + lines) + "\n")
+    return len(lines)
+
+
+def write_truth(folder, stage1_dirs, uids):
+    """``folder``/annotations.csv and annotations_excluded.csv of the scans ``uids`` from their stage-1 files (each
+    found in the first of ``stage1_dirs``, a folder or a list of them, that holds it; world mm, written exactly)
+    -> (annotations path, excluded path)."""
+    dirs = [stage1_dirs] if isinstance(stage1_dirs, str) else list(stage1_dirs)
+    fields = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
+    rows = {0: [], 1: []}
+    for uid in uids:
+        path = next((f for f in (runfiles.file_in(d, uid, ".h5") for d in dirs) if os.path.isfile(f)), None)
+        if path is None:
+            raise SystemExit(f"{uid}: no stage-1 file in {', '.join(dirs)}")
+        for n in ct_io.read_scan_h5(path, ())["nodules"]:
+            rows[int(n["excluded"] != 0)].append(dict(zip(fields, (uid, repr(float(n["world_x"])),
+                                                                   repr(float(n["world_y"])), repr(float(n["world_z"])),
+                                                                   repr(float(n["diameter_mm"]))))))
+    paths = os.path.join(folder, "annotations.csv"), os.path.join(folder, "annotations_excluded.csv")
+    for path, key in zip(paths, (0, 1)):
+        runfiles.write_csv(path, rows[key], fields)
+    return paths
+
+
+def write_scan_list(path, uids):
+    """A scan list (metrics.py's SCANS: a header, one seriesuid a line) -> its path."""
+    return runfiles.write_csv(path, [{"seriesuid": u} for u in uids], ("seriesuid",))

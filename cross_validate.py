@@ -38,9 +38,10 @@ import time
 
 import numpy as np
 
+import candidates
 import metrics
 import runfiles
-from configurator import Config, configure
+from configurator import configure
 
 # ----------------------------------------------------------------------------- settings
 WORK_DIR = "work"               # the run: its 1_preprocessed/ and 2_table/ are the input, cv/ the output
@@ -305,56 +306,10 @@ def run_folds(tasks, cfg):
 
 # ----------------------------------------------------------------------------- the pooled test folds
 
-def _rows(path):
-    """A candidates file -> (header line, data lines)."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    return (lines[0] if lines else ""), [ln for ln in lines[1:] if ln.strip()]
-
-
-def write_pooled_candidates(path, files, keep=None):
-    """The data lines of ``files`` one after another under the first one's header, atomically; ``keep``: per file
-    the seriesuids whose lines are kept (None = all) -> the number of lines."""
-    header, lines = None, []
-    for i, p in enumerate(files):
-        head, rows = _rows(p)
-        if header is not None and head != header:
-            raise SystemExit(f"{p}: its header {head!r} differs from {files[0]}'s {header!r}")
-        header = head
-        lines += rows if keep is None else [r for r in rows if r.split(",", 1)[0].strip() in keep[i]]
-    with runfiles.atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join([header or "seriesuid,coordX,coordY,coordZ,probability"] + lines) + "\n")
-    return len(lines)
-
-
-def write_truth(cv, run, uids):
-    """annotations.csv and annotations_excluded.csv of the scans ``uids`` from their stage-1 files (world mm,
-    written exactly) -> (annotations path, excluded path)."""
-    import ct_io
-    fields = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
-    rows = {0: [], 1: []}
-    for uid in uids:
-        nodules = ct_io.read_scan_h5(runfiles.file_in(os.path.join(run, "1_preprocessed"), uid, ".h5"), ())["nodules"]
-        for n in nodules:
-            rows[int(n["excluded"] != 0)].append(dict(zip(fields, (uid, repr(float(n["world_x"])),
-                                                                   repr(float(n["world_y"])), repr(float(n["world_z"])),
-                                                                   repr(float(n["diameter_mm"]))))))
-    paths = os.path.join(cv, "annotations.csv"), os.path.join(cv, "annotations_excluded.csv")
-    for path, key in zip(paths, (0, 1)):
-        runfiles.write_csv(path, rows[key], fields)
-    return paths
-
-
-def write_scans(path, uids):
-    """A scan list (metrics.py's SCANS: a header, one seriesuid a line)."""
-    return runfiles.write_csv(path, [{"seriesuid": u} for u in uids], ("seriesuid",))
-
-
-def score(cfg, candidates, truth, scans, n_boot):
-    """metrics.py's figures (evaluate_files: the dict `python metrics.py --OUT=` writes) of a candidates file."""
-    return metrics.evaluate_files(Config(ANNOTATIONS=truth[0], CANDIDATES=candidates, EXCLUDED=truth[1], SCANS=scans,
-                                         BOOTSTRAP=int(n_boot), OUT="", SIZE_BINS=tuple(cfg.SIZE_BINS),
-                                         MAX_CANDIDATES=int(cfg.MAX_CANDIDATES)))
+def score(cfg, candidates_file, truth, scans, n_boot):
+    """metrics.py's figures (the dict `python metrics.py --OUT=` writes) of a candidates file."""
+    return metrics.evaluate_paths(truth[0], candidates_file, truth[1], scans, n_boot, cfg.SIZE_BINS,
+                                  cfg.MAX_CANDIDATES)
 
 
 def fold_parts(task):
@@ -378,20 +333,20 @@ def pool(cfg, tasks, results):
         return None
     parts = [fold_parts(t) for t in ok]
     uids = [u for p in parts for u in p["uids"]]
-    truth = (cfg.ANNOTATIONS, cfg.EXCLUDED) if cfg.ANNOTATIONS else write_truth(cv, tasks[0]["run"], uids)
+    truth = (cfg.ANNOTATIONS, cfg.EXCLUDED) if cfg.ANNOTATIONS else candidates.write_truth(cv, os.path.join(tasks[0]["run"], "1_preprocessed"), uids)
     if cfg.ANNOTATIONS and not cfg.EXCLUDED:
         truth = (cfg.ANNOTATIONS, runfiles.write_csv(os.path.join(cv, "annotations_excluded.csv"), [],
                                                      ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")))
-    scans = write_scans(os.path.join(cv, "seriesuids.csv"), uids)
+    scans = candidates.write_scan_list(os.path.join(cv, "seriesuids.csv"), uids)
     files = {"candidates": os.path.join(cv, "candidates.csv"),
              "candidates_stage5": os.path.join(cv, "candidates_stage5.csv"),
              "annotations": truth[0], "excluded": truth[1], "scans": scans}
-    write_pooled_candidates(files["candidates"], [p["stage6"] for p in parts])
-    write_pooled_candidates(files["candidates_stage5"], [p["stage5"] for p in parts], [set(p["uids"]) for p in parts])
+    candidates.pool_files(files["candidates"], [p["stage6"] for p in parts])
+    candidates.pool_files(files["candidates_stage5"], [p["stage5"] for p in parts], [set(p["uids"]) for p in parts])
     after, before = (score(cfg, files[k], truth, scans, cfg.BOOTSTRAP) for k in ("candidates", "candidates_stage5"))
     per_fold = []
     for t, p in zip(ok, parts):
-        fold_scans = write_scans(os.path.join(t["work"], "seriesuids.csv"), p["uids"])
+        fold_scans = candidates.write_scan_list(os.path.join(t["work"], "seriesuids.csv"), p["uids"])
         f6, f5 = (score(cfg, p[k], truth, fold_scans, 0) for k in ("stage6", "stage5"))
         per_fold.append({"test_fold": t["fold"], "val_fold": t["val_fold"], "train_folds": t["train_folds"],
                          "n_scans": f6["counts"]["scans"], "n_nodules": f6["counts"]["nodules"],

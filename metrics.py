@@ -511,6 +511,15 @@ def evaluate_files(cfg):
             "reading": DEFINITIONS["reading"]}
 
 
+def evaluate_paths(annotations, candidates, excluded="", scans="", n_boot=BOOTSTRAP, size_bins=SIZE_BINS,
+                   max_candidates=MAX_CANDIDATES):
+    """evaluate_files with its settings as arguments: the figures ``python metrics.py`` prints for these files."""
+    from configurator import Config
+    return evaluate_files(Config(ANNOTATIONS=annotations, CANDIDATES=candidates, EXCLUDED=excluded, SCANS=scans,
+                                 BOOTSTRAP=int(n_boot), OUT="", SIZE_BINS=tuple(size_bins),
+                                 MAX_CANDIDATES=int(max_candidates)))
+
+
 def _fmt(v, width=6):
     return f"{v:{width}.3f}" if v is not None and np.isfinite(v) else "n/a".rjust(width)
 
