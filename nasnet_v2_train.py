@@ -45,6 +45,8 @@ TABLE = ""                     # "" = WORK_DIR/2_table/slices.h5
 SPLIT_DIR = ""                 # "" = WORK_DIR/3_split
 OUT_DIR = ""                   # "" = WORK_DIR/4_model
 VARIANT = "figure3"            # "figure3" (thesis figure), "thesis_code" (heavier decoder), "unet" (baseline)
+UNET_BASE_FILTERS = 44         # VARIANT=unet: filters of the first level, doubled per level (44: 14.8 M parameters) [>= 1]
+UNET_DEPTH = 4                 # VARIANT=unet: number of 2x poolings [>= 1]
 WEIGHTS = ""                   # optional weights file to start from (ImageNet NASNetMobile .h5, .weights.h5, .keras)
 OPTIMIZER = "adam"             # "adam", or "sgd" (the thesis's surviving script: SGD + momentum 0.9)
 LR = 1e-3                      # learning rate (the thesis's fine-tuning script: 1e-7 with SGD) [> 0]
@@ -197,8 +199,9 @@ def build_model(image_shape, cfg, devices=1):
     mixed = gpu_switch(cfg.MIXED_PRECISION) and _has_gpu()
     if mixed:
         keras.mixed_precision.set_global_policy("mixed_float16")
+    unet = dict(base_filters=cfg.UNET_BASE_FILTERS, depth=cfg.UNET_DEPTH) if cfg.VARIANT == "unet" else {}
     model = nasnet_v2.get_model(image_shape, variant=cfg.VARIANT, weights=cfg.WEIGHTS or None,
-                                bn_momentum=cfg.BN_MOMENTUM or None)
+                                bn_momentum=cfg.BN_MOMENTUM or None, **unet)
     if cfg.OPTIMIZER == "adam":
         opt = keras.optimizers.Adam(learning_rate=cfg.LR)
     elif cfg.OPTIMIZER == "sgd":

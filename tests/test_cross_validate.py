@@ -18,10 +18,10 @@ from conftest import run_stage
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLDS = (0, 1, 2)
 pytestmark = pytest.mark.xdist_group("cross_validate")     # its own folders; one worker for the file
-# the smallest settings of each stage: a U-Net (12 s, the figure-3 network 31 s; eager: no graph traced) for one
+# the smallest settings of each stage: a U-Net of 4 filters (the figure-3 network 31 s; eager: no graph traced) for one
 # step on 64 px crops, stage 5 without pictures, stage 6 a tiny 3D network on 20 mm patches with 4 image blobs
 CV_ARGS = ["--FOLDS=(0,1,2)", "--MODEL_FILE=last.keras", "--BOOTSTRAP=200",
-           "--TRAIN_ARGS=--VARIANT=unet --EPOCHS=1 --STEPS_PER_EPOCH=1 --BATCH_SIZE=2 --BN_REESTIMATE_BATCHES=1 "
+           "--TRAIN_ARGS=--VARIANT=unet --UNET_BASE_FILTERS=4 --UNET_DEPTH=2 --EPOCHS=1 --STEPS_PER_EPOCH=1 --BATCH_SIZE=2 --BN_REESTIMATE_BATCHES=1 "
            "--VAL_MAX_BATCHES=1 --WORKERS=0 --TRAIN_CROP=64 --RUN_EAGERLY=1",
            "--POST_ARGS=--N_PICTURES=0 --WRITE_MIP=0 --WRITE_NIFTI=0",
            "--FP_ARGS=--PATCH_MM=20 --VOXEL_MM=2.5 --WIDTH=4 --BLOCKS=2 --DENSE=8 --EPOCHS=1 --STEPS_PER_EPOCH=2 "
@@ -86,7 +86,7 @@ def test_cross_validation_end_to_end(tmp_path):
         p = subprocess.run([sys.executable, "cross_validate.py", f"--WORK_DIR={work}", "--FOLDS=(0,1,2)", bad],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert p.returncode != 0 and says in p.stderr and "Traceback" not in p.stderr, (bad, p.stderr[-2000:])
-    shutil.rmtree(cvdir)                                   # 6 U-Nets of 178 MB
+    shutil.rmtree(cvdir)
 
 
 def check_every_fold_and_the_pooled_froc(work, text):
