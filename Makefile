@@ -35,7 +35,7 @@ DEMO_BASELINE_TRAIN ?= $(DEMO_TRAIN) --VARIANT=unet --EPOCHS=1000 --MAX_MINUTES=
 DEMO_BASELINE_POST ?= $(DEMO_POST) --MODEL=$(DEMO_WORK)/4_model_unet/$(DEMO_MODEL) \
                       --PRED_DIR=$(DEMO_WORK)/5_predictions_unet --REPORT_DIR=$(DEMO_WORK)/5_report_unet
 
-.PHONY: test demo demo-data demo-baseline demo-context1 demo-ablation demo-appearance demo-appearance-ablation train-long bench install clean
+.PHONY: test demo demo-data demo-cv demo-transfer demo-baseline demo-context1 demo-ablation demo-appearance demo-appearance-ablation train-long bench install clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -122,6 +122,21 @@ demo-appearance-ablation: install
 	$(call stage,5 postprocess INTENSITY=False,postprocess.py,DEMO_NOINT_POST)
 	$(call stage,6 rescoring INTENSITY=False,fp_reduction.py,DEMO_NOINT_FP)
 	$(PY) benchmarks/appearance_check.py --RUN=$(DEMO_WORK) --MODEL_FILE=$(DEMO_MODEL) --TAG=noint
+
+# The demo's models on three held-out cohorts: other patients, a look outside training, small nodules on vessels
+# (benchmarks/transfer_check.py; nothing trained; ~12 min on 2 cores)
+demo-transfer: install
+	@test -f $(DEMO_WORK)/6_fp_reduction/model.keras || { echo "run make demo first: its models are tested"; exit 1; }
+	$(PY) benchmarks/transfer_check.py --RUN=$(DEMO_WORK) --MODEL_FILE=$(DEMO_MODEL)
+
+# 3-fold cross-validation on the demo's cohort spread over 3 LUNA16 folds (scan i in subset i % 3, 8 scans each):
+# each fold trains with the demo's presets on one fold, validates on the next and is scored on the third; one FROC
+# over all 24 scans (cross_validate.py; 75-80 min on 2 cores, 2026-12-07; benchmarks/RESULTS.md).
+CV_WORK ?= work/demo_cv
+demo-cv: install
+	$(MAKE) demo-data DEMO_WORK=$(CV_WORK) DEMO_SYNTH='$(DEMO_SYNTH) --N_SUBSETS=3'
+	$(PY) cross_validate.py --WORK_DIR=$(CV_WORK) "--FOLDS=(0,1,2)" --MODEL_FILE=$(DEMO_MODEL) \
+	  --TRAIN_ARGS='$(DEMO_TRAIN)' --POST_ARGS="--SIZE_BINS=(5.0,10.0) --MIN_COMPONENT_VOXELS=3" --FP_ARGS='$(DEMO_FP)'
 
 # 4x the demo's cohort (its first 24 scans are the demo's), tested on the demo's test patients, 90 min of training
 # (2 h 15 min in all on 2 cores, 2026-11-29, with the stage 6 of then; benchmarks/RESULTS.md).
