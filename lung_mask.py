@@ -201,25 +201,34 @@ def _disc(radius_px):
 
 def _components(slice_mask):
     """4-connected components of a 2-D uint8 mask -> (labels int32, n + 1 labels with 0 the background,
-    areas (n + 1,), touches-the-border flags (n + 1,)). OpenCV's labelling: the same partition as
-    scipy.ndimage.label with 4-connectivity, ~10x faster on 512 x 512 slices."""
+    areas (n + 1,), touches-the-border flags (n + 1,)). OpenCV's labelling (the same partition as
+    scipy.ndimage.label with 4-connectivity, ~10x faster on 512 x 512 slices) without its statistics: areas by
+    bincount and border flags from the four edges take half the time of connectedComponentsWithStats."""
     import cv2
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(slice_mask, connectivity=4, ltype=cv2.CV_32S)
-    x0, y0, w, h, area = stats.T
-    border = (x0 == 0) | (y0 == 0) | (x0 + w == slice_mask.shape[1]) | (y0 + h == slice_mask.shape[0])
-    return lab, n, area.astype(np.int64), border
+    n, lab = cv2.connectedComponents(slice_mask, connectivity=4, ltype=cv2.CV_32S)
+    area = np.bincount(lab.ravel(), minlength=n)
+    border = np.zeros(n, dtype=bool)
+    for edge in (lab[0], lab[-1], lab[:, 0], lab[:, -1]):
+        border[edge] = True
+    return lab, n, area, border
 
 
 def fill_small_holes(mask, max_area_px):
     """Fill, slice by slice, the holes of ``mask`` (Z, Y, X bool) whose area is at most ``max_area_px``
-    (a hole: a background region of the slice, 4-connected, that does not touch the slice's border)."""
+    (a hole: a background region of the slice, 4-connected, that does not touch the slice's border). Computed
+    within the mask's bounding box: outside it all is background connected to the slice's border, so a region
+    touching the box's edge touches the border, and a hole lies inside the box whole."""
     out = mask.copy()
-    for z in np.nonzero(mask.reshape(mask.shape[0], -1).any(axis=1))[0]:
-        lab, n, area, border = _components((~mask[z]).view(np.uint8))
+    box = _bounding_box(mask)
+    if box is None:
+        return out
+    sub, osub = mask[box], out[box]
+    for z in np.nonzero(sub.reshape(sub.shape[0], -1).any(axis=1))[0]:
+        lab, n, area, border = _components(np.ascontiguousarray(~sub[z]).view(np.uint8))
         fill = (area <= max_area_px) & ~border
         fill[0] = False
         if fill.any():
-            out[z] |= fill[lab]
+            osub[z] |= fill[lab]
     return out
 
 
@@ -278,13 +287,22 @@ def lung_mask_refined(hu, spacing_zyx, settings=None):
     if mask is None:
         return np.zeros(hu.shape, dtype=np.uint8)
     kernel = _disc(s.closing_mm / sy)
-    out = np.empty(mask.shape, dtype=np.uint8)
-    m8 = mask.view(np.uint8)
-    for k in range(mask.shape[0]):
-        out[k] = cv2.morphologyEx(m8[k], cv2.MORPH_CLOSE, kernel) if m8[k].any() else 0
-    out = fill_small_holes(out.astype(bool), s.max_hole_mm2 / px_area)
+    out = np.zeros(mask.shape, dtype=bool)
+    for k, sl in _closing_windows(mask, kernel.shape[0] // 2):
+        out[k][sl] = cv2.morphologyEx(mask[k][sl].view(np.uint8), cv2.MORPH_CLOSE, kernel)
+    out = fill_small_holes(out, s.max_hole_mm2 / px_area)
     return fill_small_dents(out, s.max_dent_mm2 / px_area, s.min_dent_lung_mm2 / px_area,
                             s.dent_compactness, s.min_dent_radius_px).astype(np.uint8)
+
+
+def _closing_windows(mask, r):
+    """(slice index, in-plane window) of each non-empty slice of ``mask``: its mask's box widened by 2r + 1 px
+    (clipped to the slice). A closing by a disc of radius ``r`` is zero outside the window and the same inside
+    it as on the whole slice: within r of the window's edge the dilation is already zero."""
+    pad = 2 * r + 1
+    for k in np.nonzero(mask.reshape(mask.shape[0], -1).any(axis=1))[0]:
+        rows, cols = np.nonzero(mask[k].any(axis=1))[0], np.nonzero(mask[k].any(axis=0))[0]
+        yield k, (slice(max(rows[0] - pad, 0), rows[-1] + 1 + pad), slice(max(cols[0] - pad, 0), cols[-1] + 1 + pad))
 
 
 def fill_small_dents(mask, max_area_px, min_region_px, compactness=10.0, min_radius_px=1.0):
@@ -293,10 +311,15 @@ def fill_small_dents(mask, max_area_px, min_region_px, compactness=10.0, min_rad
     blobs, not slivers (area <= ``compactness`` x inscribed radius^2, inscribed radius >= ``min_radius_px``).
     A nodule on the pleura is a dent of the lung's outline that the closing cannot fill when it is larger than
     the closing's disc; with one hull around both lungs, the mediastinum, heart and spine form one large
-    region that stays out. Lung regions of a slice smaller than ``min_region_px`` are not given dents."""
+    region that stays out. Lung regions of a slice smaller than ``min_region_px`` are not given dents. The hulls
+    lie within the mask's bounding box: computed there."""
     out = mask.copy()
-    for z in np.nonzero(mask.reshape(mask.shape[0], -1).any(axis=1))[0]:
-        dent, sl = _hull_dent(mask[z], min_region_px)
+    box = _bounding_box(mask)
+    if box is None:
+        return out
+    sub, osub = mask[box], out[box]
+    for z in np.nonzero(sub.reshape(sub.shape[0], -1).any(axis=1))[0]:
+        dent, sl = _hull_dent(np.ascontiguousarray(sub[z]), min_region_px)
         if dent is None:
             continue
         dlab, dn, darea, _ = _components(dent.view(np.uint8))
@@ -305,7 +328,7 @@ def fill_small_dents(mask, max_area_px, min_region_px, compactness=10.0, min_rad
         inner = _inscribed_radius(dent, dlab, dn)
         keep = (darea <= max_area_px) & (darea <= compactness * inner ** 2) & (inner >= min_radius_px)
         keep[0] = False
-        out[z][sl] |= keep[dlab]
+        osub[z][sl] |= keep[dlab]
     return out
 
 

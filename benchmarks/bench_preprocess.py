@@ -10,11 +10,18 @@ Reports seconds per scan (one core), peak RSS per worker, the thesis variant's a
 (Dice), and both variants' Dice against the true lungs and nodule coverage (share of each true nodule's
 voxels inside the mask) with the wand labels' Dice. Writes benchmarks/results/bench_preprocess.json.
 
+With COMPARE_WITH (a git commit) it times, instead, the whole of stage 1 (preprocess.process_scan: read, lung
+mask, wand labels, compressed write) of that commit's code against this checkout's on the same scans, one
+process each with one thread, ROUNDS rounds alternated (after one untimed scan, which imports pylidc), and
+checks that both wrote the same /lung_mask and /nodule_mask. Writes bench_preprocess_compare.json.
+
     python benchmarks/bench_preprocess.py [--N_SCANS=3 --DATA_DIR=data/synthetic]
+    python benchmarks/bench_preprocess.py --COMPARE_WITH=67bd675 --N_SCANS=4 --DATA_DIR=work/demo/0_synthetic
 """
 import glob
 import json
 import os
+import subprocess
 import sys
 import time
 from multiprocessing import get_context
@@ -31,6 +38,32 @@ SEED = 11                      # synthetic cohort seed
 DATA_DIR = ""                  # an existing synthetic cohort (its luna16/ and truth/); "" = write one in OUT_DIR
 OUT_DIR = "benchmarks/results"  # results folder
 REFERENCE_SLICES = 0           # slices timed for the per-slice reference (0 = all; it is ~10x slower)
+COMPARE_WITH = ""              # a git commit: time its stage 1 against this checkout's instead ("" = the variants)
+ROUNDS = 2                     # rounds of that comparison, the two codes alternated [>= 1]
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# run in a fresh interpreter with a code folder first on sys.path: stage 1 of that code on each scan -> seconds
+_TIME_STAGE1 = r"""
+import json, os, sys
+code, out_dir, paths = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sys.path.insert(0, code)
+import preprocess
+from annotations import read_annotations
+cfg = {k: getattr(preprocess, k) for k in dir(preprocess) if k.isupper()}
+cfg["OVERWRITE"] = True
+luna = os.path.dirname(os.path.dirname(paths[0]))
+files = [(os.path.join(luna, n), n != "annotations.csv") for n in ("annotations.csv", "annotations_excluded.csv")]
+ann = read_annotations([f for f in files if os.path.isfile(f[0])],
+                       {os.path.splitext(os.path.basename(p))[0] for p in paths})
+os.makedirs(out_dir, exist_ok=True)
+secs = []
+for p in paths[:1] + paths:                      # the first one untimed: it imports pylidc, once per worker
+    r = preprocess.process_scan(p, out_dir, ann, cfg)
+    if r[1] != "done":
+        raise SystemExit(r[2])
+    secs.append(r[3])
+print(json.dumps(secs[1:]))
+"""
 
 
 def score_scan(stage1, truth, lung_mask=None):
@@ -88,6 +121,47 @@ def _run_variant(args):
             np.packbits(mask))
 
 
+def compare_stage1(cfg, paths):
+    """Stage 1 of commit COMPARE_WITH against this checkout's on ``paths``, ROUNDS rounds alternated -> summary."""
+    import ct_io
+    old_code = os.path.abspath(os.path.join(cfg.OUT_DIR, f"code_{cfg.COMPARE_WITH}"))
+    if not os.path.isfile(os.path.join(old_code, "preprocess.py")):
+        os.makedirs(old_code, exist_ok=True)
+        archive = subprocess.run(["git", "archive", cfg.COMPARE_WITH], cwd=_ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", old_code], input=archive.stdout, check=True)
+    codes = {"before": old_code, "after": _ROOT}
+    secs = {k: [] for k in codes}
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    for r in range(cfg.ROUNDS):
+        for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
+            out = subprocess.run([sys.executable, "-c", _TIME_STAGE1, codes[name], _out(cfg, name), json.dumps(paths)],
+                                 capture_output=True, text=True, env=env, cwd=codes[name])
+            if out.returncode:
+                raise SystemExit(f"{name}: {out.stderr[-2000:]}")
+            secs[name] += json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"round {r + 1} {name:6s} " + " ".join(f"{t:.2f}" for t in secs[name][-len(paths):]) + " s")
+    same = []
+    for p in paths:
+        uid = os.path.splitext(os.path.basename(p))[0]
+        a, b = (ct_io.read_scan_h5(os.path.join(_out(cfg, k), uid + ".h5")) for k in codes)
+        same.append(all(np.array_equal(a[k], b[k]) for k in ("hu", "lung_mask", "nodule_mask")))
+    shapes = [list(ct_io.read_scan_h5(os.path.join(_out(cfg, "after"), os.path.splitext(os.path.basename(p))[0]
+                                                   + ".h5"))["hu"].shape) for p in paths]
+    summary = {"machine": f"{os.cpu_count()} cores", "before": cfg.COMPARE_WITH, "scans": shapes,
+               "rounds": cfg.ROUNDS, "before_s_per_scan": float(np.mean(secs["before"])),
+               "after_s_per_scan": float(np.mean(secs["after"])), "all_seconds": secs,
+               "same_outputs": bool(all(same))}
+    summary["speedup"] = summary["before_s_per_scan"] / summary["after_s_per_scan"]
+    with open(os.path.join(cfg.OUT_DIR, "bench_preprocess_compare.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps({k: v for k, v in summary.items() if k != "all_seconds"}, indent=2))
+    return 0 if summary["same_outputs"] else 1
+
+
+def _out(cfg, name):
+    return os.path.abspath(os.path.join(cfg.OUT_DIR, "compare_work", name))
+
+
 def main(argv=None):
     cfg = configurator.configure(globals(), argv)
     import ct_io
@@ -101,6 +175,8 @@ def main(argv=None):
         if len(glob.glob(os.path.join(data, "luna16", "subset*", "*.mhd"))) < cfg.N_SCANS:
             synthetic_ct.generate_cohort(data, N_SCANS=cfg.N_SCANS, N_LIDC_SCANS=0, SEED=cfg.SEED)
     paths = sorted(glob.glob(os.path.join(data, "luna16", "subset*", "*.mhd")))[:cfg.N_SCANS]
+    if cfg.COMPARE_WITH:
+        return compare_stage1(cfg, [os.path.abspath(p) for p in paths])
     work = os.path.join(cfg.OUT_DIR, "bench_work")
     t0 = time.time()
     preprocess.main([f"--DATASET=luna16", f"--INPUT_DIR={os.path.join(data, 'luna16')}", f"--WORK_DIR={work}",

@@ -194,3 +194,43 @@ def test_refined_mask_fills_a_large_wall_nodule_dent_but_not_the_mediastinum():
     extra = filled[2] & ~lungs & ~ndi.binary_dilation(nodule, iterations=3)    # added away from the nodule:
     assert not (extra & ~ndi.binary_dilation(lungs)).any()                     # only one-pixel steps of the
     assert extra.sum() < 0.01 * lungs.sum()                                    # outline, and few of them
+
+
+def test_box_cropped_mask_steps_equal_whole_slice_versions():
+    """Holes, dents and the closing are computed within the mask's box: the same as on whole slices (a
+    literal whole-slice version with scipy / OpenCV here), also for masks touching the border."""
+    import cv2
+    import scipy.ndimage as ndi
+    rng = np.random.default_rng(3)
+    mask = ndi.binary_opening(rng.random((6, 64, 80)) < 0.55, np.ones((1, 3, 3)))
+    mask[:, :, :6] = False
+    mask[1] = False                                              # an empty slice
+    mask[2, 10:30, 0:20] = True                                  # touches the border
+    mask[3, 20:40, 30:50] = True
+    mask[3, 28:31, 38:41] = False                                # a 9-px hole inside
+    ref = mask.copy()
+    for z in range(mask.shape[0]):
+        lab, n = ndi.label(~mask[z])
+        edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+        area = np.bincount(lab.ravel(), minlength=n + 1)
+        fill = area <= 12
+        fill[0], fill[edge] = False, False
+        ref[z] |= fill[lab]
+    got = lung_mask.fill_small_holes(mask, 12)
+    assert got[3, 29, 39] and np.array_equal(got, ref)
+    kernel = lung_mask._disc(3)
+    closed = np.zeros(mask.shape, bool)
+    for k, sl in lung_mask._closing_windows(mask, 3):
+        closed[k][sl] = cv2.morphologyEx(mask[k][sl].view(np.uint8), cv2.MORPH_CLOSE, kernel)
+    whole = np.stack([cv2.morphologyEx(m.view(np.uint8), cv2.MORPH_CLOSE, kernel) for m in mask]) > 0
+    assert whole.sum() > mask.sum() and np.array_equal(closed, whole)
+    dents = mask.copy()                                          # dents slice by slice on whole slices
+    for z in range(mask.shape[0]):
+        dent, sl = lung_mask._hull_dent(mask[z], 10)
+        if dent is not None:
+            lab, n, area, _ = lung_mask._components(dent.view(np.uint8))
+            r = lung_mask._inscribed_radius(dent, lab, n)
+            keep = (area <= 40) & (area <= 10 * r ** 2) & (r >= 1)
+            keep[0] = False
+            dents[z][sl] |= keep[lab]
+    assert dents.sum() > mask.sum() and np.array_equal(lung_mask.fill_small_dents(mask, 40, 10), dents)
