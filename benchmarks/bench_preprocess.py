@@ -13,7 +13,8 @@ voxels inside the mask) with the wand labels' Dice. Writes benchmarks/results/be
 With COMPARE_WITH (a git commit) it times, instead, the whole of stage 1 (preprocess.process_scan: read, lung
 mask, wand labels, compressed write) of that commit's code against this checkout's on the same scans, one
 process each with one thread, ROUNDS rounds alternated (after one untimed scan, which imports pylidc), and
-checks that both wrote the same /lung_mask and /nodule_mask. Writes bench_preprocess_compare.json.
+checks that both wrote the same /hu, /lung_mask and /nodule_mask; the lung mask alone is timed too (on each scan
+after its stage 1). Writes bench_preprocess_compare.json.
 
     python benchmarks/bench_preprocess.py [--N_SCANS=3 --DATA_DIR=data/synthetic]
     python benchmarks/bench_preprocess.py --COMPARE_WITH=67bd675 --N_SCANS=4 --DATA_DIR=work/demo/0_synthetic
@@ -56,13 +57,20 @@ files = [(os.path.join(luna, n), n != "annotations.csv") for n in ("annotations.
 ann = read_annotations([f for f in files if os.path.isfile(f[0])],
                        {os.path.splitext(os.path.basename(p))[0] for p in paths})
 os.makedirs(out_dir, exist_ok=True)
-secs = []
+import time
+import ct_io, lung_mask
+secs, mask_secs = [], []
 for p in paths[:1] + paths:                      # the first one untimed: it imports pylidc, once per worker
     r = preprocess.process_scan(p, out_dir, ann, cfg)
     if r[1] != "done":
         raise SystemExit(r[2])
     secs.append(r[3])
-print(json.dumps(secs[1:]))
+    scan = ct_io.read_mhd(p)
+    t = time.perf_counter()
+    lung_mask.lung_mask(scan.hu, scan.spacing, scan.direction, cfg["LUNG_MASK"],
+                        lung_mask.LungMaskSettings.from_config(cfg))
+    mask_secs.append(time.perf_counter() - t)
+print(json.dumps([secs[1:], mask_secs[1:]]))
 """
 
 
@@ -130,7 +138,7 @@ def compare_stage1(cfg, paths):
         archive = subprocess.run(["git", "archive", cfg.COMPARE_WITH], cwd=_ROOT, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", old_code], input=archive.stdout, check=True)
     codes = {"before": old_code, "after": _ROOT}
-    secs = {k: [] for k in codes}
+    secs, mask_secs = {k: [] for k in codes}, {k: [] for k in codes}
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     for r in range(cfg.ROUNDS):
         for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
@@ -138,23 +146,29 @@ def compare_stage1(cfg, paths):
                                  capture_output=True, text=True, env=env, cwd=codes[name])
             if out.returncode:
                 raise SystemExit(f"{name}: {out.stderr[-2000:]}")
-            secs[name] += json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"round {r + 1} {name:6s} " + " ".join(f"{t:.2f}" for t in secs[name][-len(paths):]) + " s")
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            secs[name] += got[0]
+            mask_secs[name] += got[1]
+            print(f"round {r + 1} {name:6s} stage 1 " + " ".join(f"{t:.2f}" for t in got[0]) + " s; lung mask "
+                  + " ".join(f"{t:.2f}" for t in got[1]) + " s")
     same = []
     for p in paths:
         uid = os.path.splitext(os.path.basename(p))[0]
         a, b = (ct_io.read_scan_h5(os.path.join(_out(cfg, k), uid + ".h5")) for k in codes)
         same.append(all(np.array_equal(a[k], b[k]) for k in ("hu", "lung_mask", "nodule_mask")))
-    shapes = [list(ct_io.read_scan_h5(os.path.join(_out(cfg, "after"), os.path.splitext(os.path.basename(p))[0]
-                                                   + ".h5"))["hu"].shape) for p in paths]
+    shapes = ["x".join(str(n) for n in ct_io.read_scan_h5(os.path.join(_out(cfg, "after"), os.path.splitext(
+        os.path.basename(p))[0] + ".h5"))["hu"].shape) for p in paths]
     summary = {"machine": f"{os.cpu_count()} cores", "before": cfg.COMPARE_WITH, "scans": shapes,
                "rounds": cfg.ROUNDS, "before_s_per_scan": float(np.mean(secs["before"])),
                "after_s_per_scan": float(np.mean(secs["after"])), "all_seconds": secs,
+               "before_mask_s_per_scan": float(np.mean(mask_secs["before"])),
+               "after_mask_s_per_scan": float(np.mean(mask_secs["after"])), "all_mask_seconds": mask_secs,
                "same_outputs": bool(all(same))}
     summary["speedup"] = summary["before_s_per_scan"] / summary["after_s_per_scan"]
+    summary["mask_speedup"] = summary["before_mask_s_per_scan"] / summary["after_mask_s_per_scan"]
     with open(os.path.join(cfg.OUT_DIR, "bench_preprocess_compare.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(json.dumps({k: v for k, v in summary.items() if k != "all_seconds"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if not k.startswith("all_")}, indent=2))
     return 0 if summary["same_outputs"] else 1
 
 
