@@ -1,5 +1,5 @@
 # make test | make demo | make bench | make train-long : each creates .venv and installs requirements.txt first.
-# make test: the pytest suite, 7.7-8.2 min on 2 cores (2026-12-07); make demo: stages 0-6, then the pipeline's answer.
+# make test: the pytest suite, 7.7-8.3 min on 2 cores (2026-12-08); make demo: stages 0-6, then the pipeline's answer.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -131,7 +131,7 @@ demo-transfer: install
 
 # 3-fold cross-validation on the demo's cohort spread over 3 LUNA16 folds (scan i in subset i % 3, 8 scans each):
 # each fold trains with the demo's presets on one fold, validates on the next and is scored on the third; one FROC
-# over all 24 scans (cross_validate.py; 75-80 min on 2 cores, 2026-12-07; benchmarks/RESULTS.md).
+# over all 24 scans (cross_validate.py; 82 min on 2 cores, 2026-12-08; benchmarks/RESULTS.md).
 CV_WORK ?= work/demo_cv
 demo-cv: install
 	$(MAKE) demo-data DEMO_WORK=$(CV_WORK) DEMO_SYNTH='$(DEMO_SYNTH) --N_SUBSETS=3'
