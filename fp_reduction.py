@@ -317,14 +317,12 @@ def fit(model, state, sampler, val_store, side, cfg, out_dir):
         improved = "best" not in state or val["loss"] is None or crit > tuple(state["best"])
         if improved:
             state["best"], state["best_epoch"], state["best_val"] = list(crit), epoch, val
-            with runfiles.atomic(best) as tmp:
-                model.save(tmp)
         row = {"epoch": epoch, "loss": loss, "val_loss": val["loss"], "val_cpm": val["cpm"], "val_auc": val.get("auc"),
                "train_seconds": train_s, "val_seconds": val_s,
                "patches_per_s": cfg.STEPS_PER_EPOCH * cfg.BATCH_SIZE / max(train_s, 1e-9)}
         history.append(row)
         state["epoch"], state["history"] = epoch, history
-        checkpoints.save_checkpoint(model, out_dir, state, history)
+        checkpoints.save_checkpoint(model, out_dir, state, history, best if improved else "")
         cpm = "n/a" if val["cpm"] is None else f"{val['cpm']:.3f}"
         vauc = "n/a" if val.get("auc") is None else f"{val['auc']:.3f}"
         print(f"epoch {epoch + 1}: loss {row['loss']:.4f}, val loss {val['loss']:.4f}, val AUC {vauc}, val CPM {cpm}"

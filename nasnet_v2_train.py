@@ -286,15 +286,14 @@ def make_callback(model, train_bn, val, folder, state, cfg, devices=1, history=N
             improved = validate and logs["val_dice"] > state.get("best_val_dice", -1.0)
             if improved:
                 state["best_val_dice"], state["best_epoch"], state["stale"] = logs["val_dice"], epoch, 0
-                with runfiles.atomic(os.path.join(folder, "best.keras")) as tmp:
-                    model.save(tmp)
             elif validate:
                 state["stale"] = state.get("stale", 0) + 1
                 if cfg.REDUCE_LR_PATIENCE and state["stale"] % cfg.REDUCE_LR_PATIENCE == 0:
                     model.optimizer.learning_rate.assign(logs["lr"] / 2)
             state["epoch"] = epoch
             rows.append(dict({k: float(v) for k, v in logs.items() if np.ndim(v) == 0}, epoch=epoch))
-            checkpoints.save_checkpoint(model, folder, state, rows)
+            best = os.path.join(folder, "best.keras") if improved else ""
+            checkpoints.save_checkpoint(model, folder, state, rows, best)
             val_txt = f"{logs['val_dice']:.3f}" if validate else "-"
             print(f"epoch {epoch + 1}: loss {logs.get('loss', float('nan')):.4f} train dice "
                   f"{logs.get('dice_coef', float('nan')):.3f} val dice {val_txt}"

@@ -419,7 +419,7 @@ def test_preprocess_killed_part_way_then_rerun_equals_an_uninterrupted_run(tiny,
 
 
 TRAIN_ARGS = ["--VARIANT=unet", "--EPOCHS=3", "--BATCH_SIZE=4", "--STEPS_PER_EPOCH=2", "--BN_REESTIMATE_BATCHES=1",
-              "--VAL_MAX_BATCHES=1", "--WORKERS=0", "--LR=0.001", "--LR_DECAY_EPOCHS=2"]
+              "--VAL_MAX_BATCHES=1", "--WORKERS=0", "--LR=0.001", "--LR_DECAY_EPOCHS=2", "--RUN_EAGERLY=1"]
 
 
 @pytest.fixture(scope="module")
