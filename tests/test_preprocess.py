@@ -228,8 +228,9 @@ def test_box_cropped_mask_steps_equal_whole_slice_versions():
     for z in range(mask.shape[0]):
         dent, sl = lung_mask._hull_dent(mask[z], 10)
         if dent is not None:
-            lab, n, area, _ = lung_mask._components(dent.view(np.uint8))
-            r = lung_mask._inscribed_radius(dent, lab, n)
+            lab, n = ndi.label(dent)                             # scipy's 4-connected labels
+            area = np.bincount(lab.ravel(), minlength=n + 1)
+            r = lung_mask._inscribed_radius(dent, lab, n + 1)
             keep = (area <= 40) & (area <= 10 * r ** 2) & (r >= 1)
             keep[0] = False
             dents[z][sl] |= keep[lab]
