@@ -8,6 +8,7 @@ the 95 % bootstrap interval over the scans; OUT also writes them as JSON; docs/e
     python metrics.py --ANNOTATIONS=annotations.csv --CANDIDATES=candidates.csv
     python metrics.py --ANNOTATIONS=annotations.csv --CANDIDATES=candidates.csv --EXCLUDED=annotations_excluded.csv \\
         --SCANS=seriesuids.csv --BOOTSTRAP=1000 --OUT=evaluation.json
+    python metrics.py --ANNOTATIONS=annotations.csv --CANDIDATES=a.csv --COMPARE=b.csv   # B's CPM minus A's, paired
 
 LUNA16's rules (its evaluation script, noduleCADEvaluationLUNA16.py), as implemented here:
 - a candidate hits an annotation when its distance to the centre is < diameter / 2 (unknown diameter, < 0:
@@ -40,7 +41,9 @@ SCANS = ""                          # the evaluated scans, one seriesuid a line 
                                     # [existing path]
 BOOTSTRAP = 1000                    # bootstrap draws of the scans for the 95 % intervals; 0 = none [>= 0]
 OUT = ""                            # also write the figures as JSON to this file; "" = print only
-_SETTINGS = ("ANNOTATIONS", "CANDIDATES", "EXCLUDED", "SCANS", "BOOTSTRAP", "OUT", "SIZE_BINS", "MAX_CANDIDATES")
+COMPARE = ""                        # a second candidates file of the same scans: its CPM minus CANDIDATES's, paired
+                                    # 95 % interval (each bootstrap draw resamples both); "" = none [existing path]
+_SETTINGS = ("ANNOTATIONS", "CANDIDATES", "EXCLUDED", "SCANS", "BOOTSTRAP", "OUT", "SIZE_BINS", "MAX_CANDIDATES", "COMPARE")
 
 DEFINITIONS = {
     "ci95": "95 % interval: percentiles 2.5 and 97.5 of the CPM (and of each sensitivity) over 1000 bootstrap draws "
@@ -264,6 +267,12 @@ def _fraction(hit):
     return {"value": float(hit.mean()) if len(hit) else float("nan"), "found": int(hit.sum()), "total": len(hit)}
 
 
+def scan_draws(n_scans, n_boot=1000, seed=0):
+    """``n_boot`` bootstrap draws: how often each scan is drawn (n_scans draws with replacement). Seeded."""
+    rng = np.random.default_rng(seed)
+    return (np.bincount(rng.integers(0, n_scans, n_scans), minlength=n_scans) for _ in range(int(n_boot)))
+
+
 def bootstrap_cpm(diameters, nodule_scores, nodule_scan, fp_scores, fp_scan, n_scans, size_edges=None, rates=None,
                   n_boot=1000, seed=0):
     """95 % intervals of the CPM (overall and by size) and of the sensitivities at ``rates``: the part's scans
@@ -278,10 +287,8 @@ def bootstrap_cpm(diameters, nodule_scores, nodule_scan, fp_scores, fp_scan, n_s
     nod_scan, fp_scan = np.asarray(nodule_scan, np.int64), np.asarray(fp_scan, np.int64)
     bins = np.array([size_bin(d, size_edges) for d in np.asarray(diameters, np.float64).reshape(-1)], object)
     names = ["all"] + list(size_bin_names(size_edges))
-    rng = np.random.default_rng(seed)
     cpms, sens = {k: [] for k in names}, []
-    for _ in range(int(n_boot)):
-        counts = np.bincount(rng.integers(0, n_scans, n_scans), minlength=n_scans)
+    for counts in scan_draws(n_scans, n_boot, seed):
         w_nod, fp_draw = counts[nod_scan], np.repeat(fp, counts[fp_scan])
         for k in names:
             sel = slice(None) if k == "all" else bins == k
@@ -294,6 +301,21 @@ def bootstrap_cpm(diameters, nodule_scores, nodule_scan, fp_scores, fp_scan, n_s
     return {"cpm": ci(cpms["all"]), "cpm_by_size": {k: ci(cpms[k]) for k in names[1:]},
             "sensitivities": [ci(np.asarray(sens)[:, i]) if sens else None for i in range(len(rates))],
             "n_boot": int(n_boot), "definition": DEFINITIONS["ci95"]}
+
+
+def paired_cpm_difference(ev_a, ev_b, n_scans, rates=None, n_boot=1000, seed=0):
+    """CPM of list B minus list A's on the same scans (evaluate_lists's dicts), with a paired 95 % interval (each
+    draw of scan_draws resamples both alike) -> {a, b, difference, ci95, b_higher: share of draws B is higher}."""
+    if list(ev_a["nodule_scan"]) != list(ev_b["nodule_scan"]):
+        raise ValueError("paired_cpm_difference: the two lists are not scored against the same nodules")
+    nod, lists = np.asarray(ev_a["nodule_scan"], np.int64), [(np.asarray(e["scores"], np.float64), np.asarray(
+        e["fp_scores"], np.float64), np.asarray(e["fp_scan"], np.int64)) for e in (ev_a, ev_b)]
+    cpm = lambda w: [froc(np.repeat(sc, w[nod]), np.repeat(fp, w[fs]), n_scans, rates)["cpm"] for sc, fp, fs in lists]
+    a, b = cpm(np.ones(n_scans, np.int64))
+    d = np.array([y - x for x, y in map(cpm, scan_draws(n_scans, n_boot, seed)) if x is not None and y is not None])
+    return {"a": a, "b": b, "difference": None if a is None or b is None else b - a, "n_boot": len(d),
+            "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))] if len(d) else None,
+            "b_higher": float(np.mean(d > 0)) if len(d) else None}
 
 
 def froc_summary(diameters, nodule_scores, fp_scores, n_scans, size_edges=None, rates=None, nodule_scan=None,
@@ -495,7 +517,8 @@ def evaluate_files(cfg):
     if not cfg.ANNOTATIONS or not cfg.CANDIDATES:
         raise SystemExit("metrics.py needs --ANNOTATIONS=annotations.csv and --CANDIDATES=candidates.csv (--help)")
     ann = read_table(cfg.ANNOTATIONS, ("coordX", "coordY", "coordZ", "diameter_mm"), "annotations")
-    cand = read_table(cfg.CANDIDATES, ("coordX", "coordY", "coordZ", "probability"), "candidates")
+    cand_cols = ("coordX", "coordY", "coordZ", "probability")
+    cand = read_table(cfg.CANDIDATES, cand_cols, "candidates")
     exc = read_table(cfg.EXCLUDED, ("coordX", "coordY", "coordZ", "diameter_mm"), "excluded findings") \
         if cfg.EXCLUDED else {}
     scans = read_scans(cfg.SCANS) if cfg.SCANS else sorted(set(ann) | set(cand))
@@ -506,9 +529,12 @@ def evaluate_files(cfg):
                               FROC_RATES, ev["nodule_scan"], ev["fp_scan"], cfg.BOOTSTRAP)
     by_size = {k: int(np.sum(np.array([size_bin(d, cfg.SIZE_BINS) for d in ev["diameters"]], object) == k))
                for k in size_bin_names(cfg.SIZE_BINS)}
-    return {"settings": {k: cfg[k] for k in _SETTINGS}, "counts": {**ev["counts"], "nodules_by_size": by_size},
-            "n_boot": int(cfg.BOOTSTRAP) if "ci95" in summary["cpm"] else 0, **summary,
-            "reading": DEFINITIONS["reading"]}
+    res = {"settings": {k: cfg[k] for k in _SETTINGS}, "counts": {**ev["counts"], "nodules_by_size": by_size},
+           "n_boot": int(cfg.BOOTSTRAP) if "ci95" in summary["cpm"] else 0, **summary, "reading": DEFINITIONS["reading"]}
+    if cfg.COMPARE:
+        b = evaluate_lists(ann, read_table(cfg.COMPARE, cand_cols, "candidates"), exc, scans, cfg.MAX_CANDIDATES)
+        res["compare"] = {"candidates": cfg.COMPARE, **paired_cpm_difference(ev, b, len(scans), None, cfg.BOOTSTRAP)}
+    return res
 
 
 def evaluate_paths(annotations, candidates, excluded="", scans="", n_boot=BOOTSTRAP, size_bins=SIZE_BINS,
@@ -547,6 +573,10 @@ def report_text(res):
             lines.append(row(name, "", (ci or [None, None])[j], bounds))
     for k, sens in fr["by_size"].items():
         lines.append(row(f"{k} mm", c["nodules_by_size"][k], cpm["by_size"][k], sens))
+    cmp, ci = res.get("compare"), (res.get("compare") or {}).get("ci95")
+    if ci:
+        lines += ["", f"COMPARE {cmp['candidates']}: CPM {_fmt(cmp['b'], 0)} minus {_fmt(cmp['a'], 0)} = {_fmt(cmp['difference'], 0)}"
+                      f" (paired 95 % interval {_fmt(ci[0], 0)} to {_fmt(ci[1], 0)}; higher in {100 * cmp['b_higher']:.0f} % of draws)"]
     return "\n".join(lines)
 
 

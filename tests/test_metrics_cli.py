@@ -114,3 +114,30 @@ def test_the_command_runs_as_a_script(tmp_path):
     res = json.loads(out.read_text())
     assert math.isclose(res["cpm"]["value"], official["cpm"], abs_tol=1e-6) and res["cpm"]["ci95"]
     assert set(res["cpm"]["by_size"]) == set(metrics.size_bin_names())
+
+
+def test_compare_gives_the_cpm_difference_with_a_paired_interval(tmp_path, capsys):
+    """COMPARE: the second list's CPM minus the first's, each as scored alone; a list against itself differs by 0
+    in every draw; a list whose nodule hits all score 0 (ranked below every false positive) is lower in every
+    draw, and the paired interval is narrower than the two lists' own intervals side by side."""
+    c = CASES["random"]
+    cand = os.path.join(FIX, c["candidates"])
+    same = run("random", tmp_path, "--BOOTSTRAP=200", f"--COMPARE={cand}")["compare"]
+    assert same["difference"] == 0 and same["ci95"] == [0, 0] and same["b_higher"] == 0 and same["n_boot"] == 200
+    ann = metrics.read_table(os.path.join(FIX, c["annotations"]), ("coordX", "coordY", "coordZ", "diameter_mm"), "a")
+    lines = open(cand).read().splitlines()
+    worse = tmp_path / "worse.csv"
+    with open(worse, "w") as f:                    # every candidate hitting an annotation scored 0
+        f.write(lines[0] + "\n")
+        for line in lines[1:]:
+            uid, x, y, z, p = line.split(",")
+            near = [a for a in ann.get(uid, []) if math.dist(a[:3], (float(x), float(y), float(z))) < a[3] / 2]
+            f.write(",".join([uid, x, y, z, "0" if near else p]) + "\n")
+    res = run("random", tmp_path, "--BOOTSTRAP=200", f"--COMPARE={worse}")
+    alone = run("random", tmp_path, "--BOOTSTRAP=200", f"--CANDIDATES={worse}")
+    cmp = res["compare"]
+    assert cmp["a"] == pytest.approx(res["cpm"]["value"]) and cmp["b"] == pytest.approx(alone["cpm"]["value"])
+    assert cmp["difference"] < 0 and cmp["ci95"][1] < 0 and cmp["b_higher"] == 0
+    side_by_side = res["cpm"]["ci95"][1] - alone["cpm"]["ci95"][0]
+    assert cmp["ci95"][1] - cmp["ci95"][0] < side_by_side
+    assert "paired 95 % interval" in capsys.readouterr().out
