@@ -1,5 +1,6 @@
 """cell_magic_wand.py: the exact dynamic program, the 2-D wand and the 3-D nodule labeller (fast tests)."""
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -50,6 +51,11 @@ def test_dp_batched_matches_single_and_beats_greedy_trap():
     batch = best_closed_path(e)
     for s in range(3):
         assert np.array_equal(batch[s], best_closed_path(e[s]))
+    pens = np.array([0.0, 0.4, 2.0])                  # a step cost per problem: as each alone with its own
+    batch = best_closed_path(e, pens)
+    for s in range(3):
+        assert np.array_equal(batch[s], best_closed_path(e[s], pens[s]))
+    assert not np.array_equal(batch[2], best_closed_path(e[2], 0.0))   # the costs matter here
     # a path must close: a strong edge at radius 4 on angle 0 and radius 0 elsewhere cannot both be taken
     trap = np.zeros((6, 5))
     trap[0, 4] = 10.0
@@ -202,3 +208,22 @@ def test_real_lidc_nodule_shapes():
             scores.append(dice(m, truth))
     assert len(scores) >= 5
     assert np.mean(scores) >= 0.85
+
+
+def test_3d_label_equals_the_2d_wand_slice_by_slice():
+    """wand_nodule_box solves the slices of one polar shape in one dynamic program: each slice's mask is still the
+    2-D wand's on that slice alone (the negated HU clipped to the window, the slice's own radius bound)."""
+    from cell_magic_wand import _box_slices, _slice_radii, _wand_slices
+    rng = np.random.default_rng(4)
+    hu = rng.normal(-850, 30, (24, 80, 80)).astype(np.float32)
+    zz, yy, xx = np.ogrid[:24, :80, :80]
+    c, sp = np.array([11.4, 40.3, 38.8]), (1.25, 0.7, 0.7)
+    hu[((zz - c[0]) * sp[0]) ** 2 + ((yy - c[1]) * sp[1]) ** 2 + ((xx - c[2]) * sp[2]) ** 2 <= 36] = 30.0
+    rmax = _slice_radii(c, np.rint(c).astype(int), 6.0, 24, sp[0], sp[1], False, 2.0, 2.0)
+    slices = _box_slices(hu.shape, np.rint(c).astype(int), rmax, 2.0)
+    box = _wand_slices(hu, c, rmax, slices, 2, (-1000, -500), dict(roughness=2, zoom_factor=1, center_range=2.0,
+                                                                   smoothness=0.05))
+    assert len({math.ceil(r) for r in rmax.values()}) < len(rmax)      # slices sharing a shape were batched
+    for z, r in rmax.items():
+        alone = cell_magic_wand(-np.clip(hu[z], -1000, -500), c[1:], 2, r)
+        assert np.array_equal(box[z - slices[0].start], alone[slices[1], slices[2]]), z
