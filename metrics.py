@@ -543,7 +543,7 @@ def evaluate_paths(annotations, candidates, excluded="", scans="", n_boot=BOOTST
     from configurator import Config
     return evaluate_files(Config(ANNOTATIONS=annotations, CANDIDATES=candidates, EXCLUDED=excluded, SCANS=scans,
                                  BOOTSTRAP=int(n_boot), OUT="", SIZE_BINS=tuple(size_bins),
-                                 MAX_CANDIDATES=int(max_candidates)))
+                                 MAX_CANDIDATES=int(max_candidates), COMPARE=""))
 
 
 def _fmt(v, width=6):

@@ -88,9 +88,9 @@ TTA = 1                         # test-time augmentation: mean over this many fl
                                 # 82 nodules) TTA 4 / 2 / 1 gave stage-5 CPM 0.437 / 0.382 / 0.348 and CPM after stage 6
                                 # 0.671 / 0.669 / 0.666: the final answer barely moves (benchmarks/RESULTS.md, "Speed")
 LUNG_WINDOW_MM = -1.0           # >= 0: only the part of the network input holding the lungs (their box over the scan's
-                                # slices, this margin in mm around it, on the network's 32-pixel grid) is predicted, 1.6x
-                                # faster; the decoder's global pooling then sees the window: CPM after stage 6 0.643 vs
-                                # 0.666 on the held-out cohort at TTA 1; -1 = the whole input [>= -1]
+                                # slices, this margin in mm around it, on the network's 32-pixel grid) is predicted,
+                                # 1.2-1.35x faster; the decoder's global pooling then sees the window: CPM after stage 6
+                                # +0.020 on 3 held-out cohorts, -0.024 on the demo's test part; -1 = the whole input [>= -1]
 CONNECTIVITY = 3                # 3D components: 1 = 6 face neighbours, 2 = 18 (+edges), 3 = 26 (+corners) [one of: 1, 2, 3]
 MIN_COMPONENT_VOXELS = 1        # components with fewer voxels are removed from the mask and are no candidates [>= 1]
 PROB_DTYPE = "float16"          # how /prob is stored: "float16" or "float32"
