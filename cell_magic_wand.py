@@ -55,8 +55,7 @@ _NEG = -1e30                     # "impossible" score in the dynamic program
 def best_closed_path(edge, smoothness=0.0):
     """Exact best closed path through polar edge images.
 
-    edge: (A, R) or (S, A, R) array (S independent problems; ``smoothness`` a number or one per problem).
-    Returns int radius indices (A,) or (S, A)
+    edge: (A, R) or (S, A, R) array (S independent problems). Returns int radius indices (A,) or (S, A)
     maximising ``sum_a edge[a, r[a]] - smoothness * sum_a |r[a+1] - r[a]|`` (including the closing step
     from the last angle to the first) subject to ``|r[a+1] - r[a]| <= 1`` and ``|r[A-1] - r[0]| <= 1``.
 
@@ -71,7 +70,7 @@ def best_closed_path(edge, smoothness=0.0):
     S, A, R = e.shape
     if A < 1 or R < 1:
         raise ValueError(f"best_closed_path: empty polar image {e.shape}")
-    pen = np.broadcast_to(np.asarray(smoothness, np.float64), (S,))[:, None, None]   # one per problem
+    pen = float(smoothness)
     idx = np.arange(R)
     # Vp[s, i, 1 + j]: best score of a path that started at radius i and is now at radius j; the two
     # padding columns stay "impossible" so that the +-1 moves never leave the radius range
@@ -93,7 +92,7 @@ def best_closed_path(edge, smoothness=0.0):
     # closing step: last radius j within 1 of the start i, charged like any other step
     diff = np.abs(idx[:, None] - idx[None, :])
     close = np.where(diff <= 1, -pen * diff, _NEG)
-    total = (V + close).reshape(S, -1)
+    total = (V + close[None]).reshape(S, -1)
     flat = np.argmax(total, axis=1)
     start, end = np.divmod(flat, R)
     path = np.empty((S, A), dtype=np.int64)
@@ -128,15 +127,6 @@ def _wand_window(image, center, min_radius, max_radius, roughness=2, zoom_factor
                  sigma=1.0, smoothness=0.05, votes=5):
     """The wand on a window around ``center``. Returns (mask, y0, x0): a bool window whose top-left pixel
     is image pixel (y0, x0) (it may reach outside the image; the caller crops)."""
-    w = _wand_edges(image, center, min_radius, max_radius, roughness, zoom_factor, center_range, sigma, smoothness,
-                    votes)
-    return _wand_mask(w, best_closed_path(w["edge"], w["pen"]))
-
-
-def _wand_edges(image, center, min_radius, max_radius, roughness, zoom_factor, center_range, sigma, smoothness,
-                votes):
-    """The wand's steps 1-3 on a window around ``center``: a dict of the polar edge images of its starts (``edge``,
-    (S, A, R)), the path's step cost ``pen`` and what _wand_mask needs to turn their best paths into a mask."""
     image, cy, cx, min_radius, max_radius, z, cr = _checked(image, center, min_radius, max_radius, zoom_factor,
                                                            center_range)
     win, zwin, zf, y0, x0 = _smoothed_window(image, cy, cx, max_radius + cr + 3 * max(sigma, 0) + 3, sigma, z)
@@ -157,15 +147,11 @@ def _wand_edges(image, center, min_radius, max_radius, roughness, zoom_factor, c
     if smoothness > 0:
         level = np.percentile(edge, 99)
         pen = float(smoothness) * (level if level > 0 else 1.0)
-    return dict(edge=edge, pen=pen, n=win.shape[0], zf=zf, starts=starts, theta=theta, radii=radii, y0=y0, x0=x0,
-                need=min(votes, len(offs)))
-
-
-def _wand_mask(w, paths):
-    """Steps 5-6: the best paths (S, A) of _wand_edges's ``w`` -> (mask, y0, x0) as _wand_window returns it."""
-    bound = w["radii"][paths] + 0.5                              # boundary radius, zoomed px
-    count = _inside_counts(w["n"], w["zf"], w["starts"], w["theta"], bound)
-    return count >= w["need"], w["y0"], w["x0"]
+    paths = best_closed_path(edge, pen)                          # (S, A)
+    bound = radii[paths] + 0.5                                   # boundary radius, zoomed px
+    count = _inside_counts(win.shape[0], zf, starts, theta, bound)
+    need = min(votes, len(offs))
+    return count >= need, y0, x0
 
 
 def _checked(image, center, min_radius, max_radius, zoom_factor, center_range):
@@ -350,12 +336,10 @@ def _wand_slices(hu, c, rmax, slices, min_radius_px, hu_window, wand_kw):
     lo, hi = (-np.inf, np.inf) if hu_window is None else (float(hu_window[0]), float(hu_window[1]))
     gy0, gy1 = max(y0 - 8, 0), min(y1 + 8, Y)
     gx0, gx1 = max(x0 - 8, 0), min(x1 + 8, X)
-    edges = {}
     for z in rmax:
         img = -np.clip(hu[z, gy0:gy1, gx0:gx1].astype(np.float32), lo, hi)
-        edges[z] = _wand_edges(img, (c[1] - gy0, c[2] - gx0), min_radius_px, rmax[z], wand_kw["roughness"],
-                               wand_kw["zoom_factor"], wand_kw["center_range"], 1.0, wand_kw["smoothness"], 5)
-    for z, (m, wy, wx) in _wand_masks_by_shape(edges).items():
+        m, wy, wx = _wand_window(img, (c[1] - gy0, c[2] - gx0), min_radius_px, rmax[z], wand_kw["roughness"],
+                                 wand_kw["zoom_factor"], wand_kw["center_range"], smoothness=wand_kw["smoothness"])
         wy, wx = wy + gy0, wx + gx0
         # paste window (top-left at image (wy, wx)) into the box (top-left at (y0, x0))
         ys, xs = max(wy, y0), max(wx, x0)
@@ -363,21 +347,6 @@ def _wand_slices(hu, c, rmax, slices, min_radius_px, hu_window, wand_kw):
         if ye > ys and xe > xs:
             box[z - z0, ys - y0:ye - y0, xs - x0:xe - x0] = m[ys - wy:ye - wy, xs - wx:xe - wx]
     return box
-
-
-def _wand_masks_by_shape(edges):
-    """{slice: _wand_edges dict} -> {slice: (mask, y0, x0)}: the slices whose polar images have one shape (the
-    same angles and radii) solved in one call of best_closed_path, each with its own step cost (the same paths
-    as one call a slice: the problems are independent element by element)."""
-    out, groups = {}, {}
-    for z, w in edges.items():
-        groups.setdefault(w["edge"].shape, []).append(z)
-    for zs in groups.values():
-        paths = best_closed_path(np.concatenate([edges[z]["edge"] for z in zs]),
-                                 np.concatenate([np.full(len(edges[z]["edge"]), edges[z]["pen"]) for z in zs]))
-        for z, p in zip(zs, np.split(paths, np.cumsum([len(edges[z]["edge"]) for z in zs])[:-1])):
-            out[z] = _wand_mask(edges[z], p)
-    return out
 
 
 def _density_floor(wand, hub, cz, hu_floor):
