@@ -1,5 +1,5 @@
 # make test | make demo | make bench | make train-long : each creates .venv and installs requirements.txt first.
-# make test: the pytest suite, 7.7-8.3 min on 2 cores (2026-12-08); make demo: stages 0-6, then the pipeline's answer.
+# make test: the pytest suite, 6.5-8.3 min on 2 cores by host (2026-12-08); make demo: stages 0-6, then the pipeline's answer.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL := 3
 export PYTHONUNBUFFERED := 1
 
 # The demo: a synthetic LUNA16-format cohort at the geometry of real scans through stages 0-6 on a 2-core CPU
-# (25.5-30 min with the install, 2026-12-07). Why each value: benchmarks/RESULTS.md, "The presets".
+# (25.4-30 min with the install, 2026-12-08). Why each value: benchmarks/RESULTS.md, "The presets".
 DEMO_WORK ?= work/demo
 # 24 scans of 512 px, up to 16 nodules each, none empty: the test part holds 71 nodules (7 scans)
 DEMO_SYNTH ?= --N_SCANS=24 --N_LIDC_SCANS=0 --SEED=0 --IMAGE_SIZE=512 "--PIXEL_SPACING_MM=(0.55,0.95)" \
