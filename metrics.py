@@ -573,10 +573,10 @@ def report_text(res):
             lines.append(row(name, "", (ci or [None, None])[j], bounds))
     for k, sens in fr["by_size"].items():
         lines.append(row(f"{k} mm", c["nodules_by_size"][k], cpm["by_size"][k], sens))
-    cmp, ci = res.get("compare"), (res.get("compare") or {}).get("ci95")
-    if ci:
-        lines += ["", f"COMPARE {cmp['candidates']}: CPM {_fmt(cmp['b'], 0)} minus {_fmt(cmp['a'], 0)} = {_fmt(cmp['difference'], 0)}"
-                      f" (paired 95 % interval {_fmt(ci[0], 0)} to {_fmt(ci[1], 0)}; higher in {100 * cmp['b_higher']:.0f} % of draws)"]
+    cmp = res.get("compare")
+    if cmp:                                     # the difference, and its paired interval when there are draws
+        d = cmp["ci95"] and f" (paired 95 % interval {_fmt(cmp['ci95'][0], 0)} to {_fmt(cmp['ci95'][1], 0)}; higher in {100 * cmp['b_higher']:.0f} % of draws)"
+        lines += ["", f"COMPARE {cmp['candidates']}: CPM {_fmt(cmp['b'], 0)} minus {_fmt(cmp['a'], 0)} = {_fmt(cmp['difference'], 0)}{d or ''}"]
     return "\n".join(lines)
 
 
